@@ -1,0 +1,14 @@
+"""Sparse R-CNN and Dynamic Sparse R-CNN for Detectron2.
+
+Importing the package registers ``SparseRCNN`` in Detectron2's ``META_ARCH_REGISTRY`` and our heads,
+matchers, criteria and proposal generators in the registries of this package.
+"""
+from .config import add_sparse_rcnn_config
+from .criterion import SPARSE_RCNN_CRITERION_REGISTRY, SetCriterion, build_criterion
+from .detector import SparseRCNN
+from .head import SPARSE_RCNN_HEAD_REGISTRY, DynamicConv, DynamicHead, DynamicStage
+from .matcher import SPARSE_RCNN_MATCHER_REGISTRY, HungarianMatcher, build_matcher
+from .proposals import SPARSE_RCNN_PROPOSAL_REGISTRY, LearnableProposals
+from .solver import build_optimizer
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

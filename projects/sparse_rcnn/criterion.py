@@ -1,0 +1,174 @@
+"""Set prediction loss of Sparse R-CNN (paper eq. 1) with deep supervision.
+
+Criteria are registered in ``SPARSE_RCNN_CRITERION_REGISTRY`` and chosen by
+``cfg.MODEL.SPARSE_RCNN.CRITERION_NAME``.
+"""
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable
+from detectron2.structures import Instances
+from detectron2.utils import comm
+from detectron2.utils.registry import Registry
+from fvcore.nn import sigmoid_focal_loss
+from torch import nn
+from torchvision.ops import generalized_box_iou_loss
+
+from .matcher import MatchIndices, build_matcher
+
+SPARSE_RCNN_CRITERION_REGISTRY = Registry("SPARSE_RCNN_CRITERION")
+SPARSE_RCNN_CRITERION_REGISTRY.__doc__ = """
+Registry for the losses of Sparse R-CNN, selected by ``cfg.MODEL.SPARSE_RCNN.CRITERION_NAME`` and
+built as ``obj(cfg)``.
+"""
+
+
+def prepare_targets(gt_instances: List[Instances], device: torch.device) -> List[Dict]:
+    """Per image: "labels" (M,) int64, "boxes" (M, 4) xyxy pixels, "image_whwh" (4,) float.
+
+    ``image_whwh`` is the unpadded (w, h, w, h) of the input image, which the L1 terms divide by.
+    """
+    targets = []
+    for instances in gt_instances:
+        h, w = instances.image_size
+        targets.append(
+            {
+                "labels": instances.gt_classes.to(device=device, dtype=torch.int64),
+                "boxes": instances.gt_boxes.tensor.to(device=device, dtype=torch.float32),
+                "image_whwh": torch.tensor([w, h, w, h], dtype=torch.float32, device=device),
+            }
+        )
+    return targets
+
+
+def loss_names(stage: int) -> Dict[str, str]:
+    """Loss-dict keys of a stage (0-based index -> names with the 1-based stage number)."""
+    return {term: f"loss_{term}_stage{stage + 1}" for term in ("cls", "l1", "giou")}
+
+
+@SPARSE_RCNN_CRITERION_REGISTRY.register()
+class SetCriterion(nn.Module):
+    """Sigmoid focal loss on all predictions, L1 and GIoU on matched pairs, per stage.
+
+    Every term is summed and divided by the number of GT boxes in the batch, averaged over all
+    processes and clamped to >= 1, then multiplied by its weight (class 2, L1 5, GIoU 2). The L1
+    term compares box corners divided by the image's width and height.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        matcher: nn.Module,
+        num_classes: int,
+        class_weight: float = 2.0,
+        l1_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        deep_supervision: bool = True,
+    ):
+        """
+        Args:
+            matcher: called as ``matcher(pred_logits, pred_boxes, targets, stage)``.
+            num_classes: K.
+            class_weight, l1_weight, giou_weight: loss weights.
+            alpha, gamma: focal-loss parameters.
+            deep_supervision: loss on every stage (True) or on the last only.
+        """
+        super().__init__()
+        self.matcher = matcher
+        self.num_classes = num_classes
+        self.weights = {"cls": class_weight, "l1": l1_weight, "giou": giou_weight}
+        self.alpha = alpha
+        self.gamma = gamma
+        self.deep_supervision = deep_supervision
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.SPARSE_RCNN
+        return {
+            "matcher": build_matcher(cfg),
+            "num_classes": c.NUM_CLASSES,
+            "class_weight": c.CLASS_WEIGHT,
+            "l1_weight": c.L1_WEIGHT,
+            "giou_weight": c.GIOU_WEIGHT,
+            "alpha": c.ALPHA,
+            "gamma": c.GAMMA,
+            "deep_supervision": c.DEEP_SUPERVISION,
+        }
+
+    @staticmethod
+    def average_over_processes(count: float, device: torch.device) -> float:
+        """``count`` summed over all processes, divided by the world size, clamped to >= 1."""
+        total = torch.as_tensor([float(count)], dtype=torch.float32, device=device)
+        world_size = comm.get_world_size()
+        if world_size > 1:
+            torch.distributed.all_reduce(total)
+        return torch.clamp(total / world_size, min=1).item()
+
+    def stage_losses(
+        self,
+        pred_logits: torch.Tensor,
+        pred_boxes: torch.Tensor,
+        targets: List[Dict],
+        indices: List[MatchIndices],
+        normalizer: float,
+    ) -> Dict[str, torch.Tensor]:
+        """Weighted, normalised loss terms of one stage ("cls", "l1", "giou").
+
+        Args:
+            pred_logits: (B, N, K); pred_boxes: (B, N, 4) xyxy pixels.
+            targets: see :func:`prepare_targets`; indices: the matcher's output.
+            normalizer: the loss normaliser (number of GT boxes, averaged over processes).
+        """
+        pred_logits, pred_boxes = pred_logits.float(), pred_boxes.float()
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+
+        # Focal loss over all predictions and classes; matched predictions are positives.
+        one_hot = torch.zeros_like(pred_logits)
+        matched_classes = torch.cat([t["labels"][gt] for t, (_, gt) in zip(targets, indices)])
+        one_hot[batch_idx, src_idx, matched_classes] = 1.0
+        loss_cls = sigmoid_focal_loss(
+            pred_logits, one_hot, alpha=self.alpha, gamma=self.gamma, reduction="sum"
+        )
+
+        # L1 on corners divided by the image size, and GIoU, on matched pairs.
+        src_boxes = pred_boxes[batch_idx, src_idx]
+        gt_boxes = torch.cat([t["boxes"][gt] for t, (_, gt) in zip(targets, indices)])
+        whwh = torch.cat([t["image_whwh"].expand(len(gt), 4) for t, (_, gt) in zip(targets, indices)])
+        loss_l1 = (src_boxes / whwh - gt_boxes / whwh).abs().sum()
+        loss_giou = generalized_box_iou_loss(src_boxes, gt_boxes, reduction="sum")
+        raw = {"cls": loss_cls, "l1": loss_l1, "giou": loss_giou}
+        return {term: self.weights[term] * value / normalizer for term, value in raw.items()}
+
+    def forward(
+        self, stage_outputs: List[Dict[str, torch.Tensor]], targets: List[Dict]
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            stage_outputs: per stage, "pred_logits" (B, N, K) and "pred_boxes" (B, N, 4).
+            targets: see :func:`prepare_targets`.
+
+        Returns:
+            ``loss_{cls,l1,giou}_stage{t}`` (t = 1 ... T), already weighted.
+        """
+        device = stage_outputs[-1]["pred_boxes"].device
+        normalizer = self.average_over_processes(sum(len(t["labels"]) for t in targets), device)
+        num_stages = len(stage_outputs)
+        stages = range(num_stages) if self.deep_supervision else [num_stages - 1]
+        losses = {}
+        for stage in stages:
+            out = stage_outputs[stage]
+            indices = self.matcher(out["pred_logits"], out["pred_boxes"], targets, stage)
+            terms = self.stage_losses(
+                out["pred_logits"], out["pred_boxes"], targets, indices, normalizer
+            )
+            names = loss_names(stage)
+            losses.update({names[term]: value for term, value in terms.items()})
+        return losses
+
+
+def build_criterion(cfg) -> nn.Module:
+    return SPARSE_RCNN_CRITERION_REGISTRY.get(cfg.MODEL.SPARSE_RCNN.CRITERION_NAME)(cfg)

@@ -1,0 +1,216 @@
+"""The Sparse R-CNN meta-architecture.
+
+images -> backbone (ResNet-FPN, P2-P5) -> proposal boxes and features -> T iterative stages ->
+per-stage predictions -> matcher + set loss (training) or top-k post-processing (inference).
+"""
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import batched_nms
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+
+from .criterion import build_criterion, prepare_targets
+from .head import build_sparse_rcnn_head
+from .proposals import build_proposal_generator
+
+__all__ = ["SparseRCNN", "OFFICIAL_KEY_RENAMES"]
+
+logger = logging.getLogger(__name__)
+
+# Official checkpoint key prefix -> ours. The official model keeps the learnable proposals at the
+# top level; ours keeps them in the proposal generator. Everything else has the official names.
+OFFICIAL_KEY_RENAMES = {
+    "init_proposal_boxes.": "proposal_generator.init_proposal_boxes.",
+    "init_proposal_features.": "proposal_generator.init_proposal_features.",
+}
+
+
+@META_ARCH_REGISTRY.register()
+class SparseRCNN(nn.Module):
+    """Sparse R-CNN (Sun et al., CVPR 2021) and, through its proposal generator and matcher,
+    Dynamic Sparse R-CNN (Hong et al., CVPR 2022)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        proposal_generator: nn.Module,
+        head: nn.Module,
+        criterion: nn.Module,
+        in_features: List[str],
+        num_classes: int,
+        pixel_mean: Tuple[float, float, float],
+        pixel_std: Tuple[float, float, float],
+        score_thresh_test: float = 0.0,
+        nms_thresh_test: Optional[float] = None,
+    ):
+        """
+        Args:
+            backbone: a Detectron2 backbone whose outputs include ``in_features``.
+            proposal_generator: ``(features, image_whwh) -> (boxes (B,N,4), features (B,N,C))``.
+            head: the iterative head, ``(features, boxes, proposal_features) -> per-stage dicts``.
+            criterion: ``(stage_outputs, targets) -> loss dict``.
+            in_features: backbone features the head pools from (p2-p5).
+            num_classes: K.
+            pixel_mean, pixel_std: per-channel normalisation, in the input format's channel order.
+            score_thresh_test: detections with a score not above this are dropped at inference.
+            nms_thresh_test: IoU of class-aware NMS at inference; None disables NMS.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.head = head
+        self.criterion = criterion
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.score_thresh_test = score_thresh_test
+        self.nms_thresh_test = nms_thresh_test
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        if not hasattr(cfg.MODEL, "SPARSE_RCNN"):
+            raise KeyError(
+                "cfg.MODEL.SPARSE_RCNN is missing: call sparse_rcnn.add_sparse_rcnn_config(cfg) "
+                "before merging a Sparse R-CNN config file."
+            )
+        backbone = build_backbone(cfg)
+        input_shape = backbone.output_shape()
+        c = cfg.MODEL.SPARSE_RCNN
+        return {
+            "backbone": backbone,
+            "proposal_generator": build_proposal_generator(cfg, input_shape),
+            "head": build_sparse_rcnn_head(cfg, input_shape),
+            "criterion": build_criterion(cfg),
+            "in_features": list(cfg.MODEL.ROI_HEADS.IN_FEATURES),
+            "num_classes": c.NUM_CLASSES,
+            "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
+            "score_thresh_test": c.SCORE_THRESH_TEST,
+            "nms_thresh_test": c.NMS_THRESH_TEST if c.NMS_ENABLED else None,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Official checkpoints keep the learnable proposals at the top level; rename them to ours
+        # (OFFICIAL_KEY_RENAMES). DetectionCheckpointer checks shapes before this renaming, so a
+        # renamed tensor of the wrong shape is skipped here with the same warning it would give.
+        own_state = self.state_dict(keep_vars=True)
+        for key in list(state_dict.keys()):
+            for old, new in OFFICIAL_KEY_RENAMES.items():
+                if not key.startswith(prefix + old):
+                    continue
+                new_key = prefix + new + key[len(prefix + old) :]
+                value = state_dict.pop(key)
+                expected = own_state.get(new_key[len(prefix) :])
+                if expected is not None and tuple(expected.shape) != tuple(value.shape):
+                    logger.warning(
+                        f"Skip loading parameter '{key}' (as '{new_key}'): the checkpoint has shape "
+                        f"{tuple(value.shape)}, the model {tuple(expected.shape)} (check "
+                        "MODEL.SPARSE_RCNN.NUM_PROPOSALS and HIDDEN_DIM)."
+                    )
+                    continue
+                state_dict.setdefault(new_key, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, torch.Tensor]:
+        """Normalise and pad the images; return them with each one's unpadded (w, h, w, h)."""
+        images = []
+        for x in batched_inputs:
+            image = x["image"]
+            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
+                raise ValueError(
+                    f"Expected each input 'image' as a ({self.pixel_mean.shape[0]}, H, W) tensor, "
+                    f"got shape {tuple(image.shape)}"
+                )
+            if image.shape[1] == 0 or image.shape[2] == 0:
+                raise ValueError(f"Input image has zero size: {tuple(image.shape)}")
+            images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
+        images = ImageList.from_tensors(
+            images,
+            self.backbone.size_divisibility,
+            padding_constraints=self.backbone.padding_constraints,
+        )
+        image_whwh = torch.tensor(
+            [[w, h, w, h] for h, w in images.image_sizes], dtype=torch.float32, device=self.device
+        )
+        return images, image_whwh
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: a list, one dict per image, as Detectron2's DatasetMapper outputs:
+                "image" (C, H, W) in cfg.INPUT.FORMAT, "instances" (training: gt_boxes, gt_classes),
+                optional "height"/"width" of the output.
+
+        Returns:
+            Training: dict of weighted losses ``loss_{cls,l1,giou}_stage{t}``.
+            Inference: list of {"instances": Instances with pred_boxes, scores, pred_classes}.
+        """
+        images, image_whwh = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        features = [features[f] for f in self.in_features]
+        proposal_boxes, proposal_features = self.proposal_generator(features, image_whwh)
+
+        if self.training:
+            if not all("instances" in x for x in batched_inputs):
+                raise ValueError("SparseRCNN training needs 'instances' in every input dict")
+            stage_outputs = self.head(features, proposal_boxes, proposal_features)
+            gt_instances = [x["instances"] for x in batched_inputs]
+            targets = prepare_targets(gt_instances, self.device)
+            return self.criterion(stage_outputs, targets)
+
+        last = self.head.num_stages - 1
+        stage_outputs = self.head(features, proposal_boxes, proposal_features, [last])
+        results = self.inference(
+            stage_outputs[-1]["pred_logits"], stage_outputs[-1]["pred_boxes"], images.image_sizes
+        )
+        return self._postprocess(results, batched_inputs, images.image_sizes)
+
+    def inference(
+        self, box_cls: torch.Tensor, box_pred: torch.Tensor, image_sizes: List[Tuple[int, int]]
+    ) -> List[Instances]:
+        """Top-k over (proposals x classes) with k = number of proposals, sorted by score.
+
+        Args:
+            box_cls: (B, N, K) class logits; box_pred: (B, N, 4) xyxy pixels.
+            image_sizes: unpadded (h, w) of every image.
+        """
+        num_proposals = box_cls.shape[1]
+        scores = torch.sigmoid(box_cls.float()).flatten(1)  # (B, N * K)
+        results = []
+        for scores_per_image, boxes_per_image, image_size in zip(scores, box_pred, image_sizes):
+            topk_scores, topk_indices = scores_per_image.topk(num_proposals)
+            proposal_idx = topk_indices // self.num_classes
+            classes = topk_indices % self.num_classes
+            boxes = boxes_per_image[proposal_idx].float()
+            keep = topk_scores > self.score_thresh_test
+            topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
+            if self.nms_thresh_test is not None:
+                keep = batched_nms(boxes, topk_scores, classes, self.nms_thresh_test)
+                topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
+            result = Instances(image_size)
+            result.pred_boxes = Boxes(boxes)
+            result.scores = topk_scores
+            result.pred_classes = classes
+            results.append(result)
+        return results
+
+    @staticmethod
+    def _postprocess(results: List[Instances], batched_inputs: List[Dict], image_sizes):
+        """Rescale to the requested output size ("height"/"width") and clip to the image."""
+        processed = []
+        for result, input_per_image, image_size in zip(results, batched_inputs, image_sizes):
+            height = input_per_image.get("height", image_size[0])
+            width = input_per_image.get("width", image_size[1])
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed
