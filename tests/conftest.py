@@ -1,0 +1,43 @@
+"""Shared helpers of the test suite. Tests never read ../shared: facts live in tests/data."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+TINY_CONFIG = CONFIG_DIR / "sparse_rcnn_tiny_cpu.yaml"
+PARITY_DIR = DATA_DIR / "parity"
+
+
+def make_cfg(config_file=TINY_CONFIG, opts=()):
+    """A frozen-free Detectron2 config with our keys, merged from ``config_file`` and ``opts``."""
+    from detectron2.config import get_cfg
+
+    from sparse_rcnn import add_sparse_rcnn_config
+
+    cfg = get_cfg()
+    add_sparse_rcnn_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def build_tiny_model(opts=(), seed=0):
+    """The tiny CPU model of ``configs/sparse_rcnn_tiny_cpu.yaml``, with a fixed seed."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(seed)
+    return build_model(make_cfg(TINY_CONFIG, opts))
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Two cores run the whole suite; keep each test on one thread so parallel jobs do not thrash.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("SPARSE_RCNN_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(previous)
