@@ -9,6 +9,7 @@
 The trainer is Detectron2's DefaultTrainer with the Sparse R-CNN pieces: the paper's data mapper,
 AdamW with a backbone LR multiplier and full-model gradient clipping, and COCOEvaluator.
 """
+
 import logging
 import os
 

@@ -1,4 +1,5 @@
 """Shared helpers of the test suite. Tests never read ../shared: facts live in tests/data."""
+
 import os
 from pathlib import Path
 

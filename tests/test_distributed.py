@@ -5,6 +5,7 @@ two processes that each see half of a batch must produce the same gradients, hen
 updated weights, as one process that sees the whole batch; the one-process loss is the mean of the
 two processes' losses.
 """
+
 import copy
 
 import pytest

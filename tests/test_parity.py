@@ -9,6 +9,7 @@ used below; they are the official code's own run-to-run differences with margin,
 The model is loaded and each pass (inference, training forward/backward, optimizer step) runs once
 per module; every test then compares one quantity, so that a failure says what differs.
 """
+
 import contextlib
 import math
 import os

@@ -4,6 +4,7 @@ Every default is the one of the Sparse R-CNN paper (section 4, "Training details
 official implementation (PeizeSun/SparseR-CNN, ``sparsercnn/config.py``), unless a comment says
 otherwise. The official code names this node ``MODEL.SparseRCNN``; ours is ``MODEL.SPARSE_RCNN``.
 """
+
 from detectron2.config import CfgNode as CN
 
 
@@ -59,6 +60,57 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
     # Class-aware NMS at inference (Dynamic Sparse R-CNN uses it at IoU 0.7). Off for Sparse R-CNN.
     _C.NMS_ENABLED = False
     _C.NMS_THRESH_TEST = 0.7
+    # Evaluate every stage's detections too (COCO AP per stage, Dynamic Sparse R-CNN figure 6).
+    _C.EVAL_PER_STAGE = False
+
+    # ---- Dynamic Sparse R-CNN (Hong et al., CVPR 2022; docs/dynamic_sparse_rcnn.md) ----
+    # Dynamic label assignment (DLA, section 3.2): used when MATCHER_NAME is "OTAMatcher".
+    _C.OTA = CN()
+    _C.OTA.SINKHORN_EPS = 0.1  # entropic regularisation of the Sinkhorn-Knopp solver (OTA: 0.1)
+    _C.OTA.SINKHORN_ITERS = 50  # Sinkhorn-Knopp iterations (OTA: 50)
+    # Dynamic k: k = max(1, floor(sum of each GT's top-q IoUs with the predictions)) (paper: q = 8).
+    _C.OTA.TOP_Q = 8
+    # > 0: every GT supplies this fixed k instead of the dynamic k (paper table 3, "fixed k").
+    _C.OTA.FIXED_K = 0
+    # At most this fraction of the proposals is positive (paper: 80%, i.e. >= 20% negatives).
+    _C.OTA.MAX_POSITIVE_FRACTION = 0.8
+    # Unit increasing strategy (eq. 2): k* = k - UNIT_STEP * (T - t) at stage t = 1 ... T, rounded
+    # down once after the subtraction, >= 1 (paper: on, step 0.5).
+    _C.OTA.UNIT_INCREASING = True
+    _C.OTA.UNIT_STEP = 0.5
+    # alpha of eq. 1: positive cost = class cost + alpha * (L1 + GIoU terms, weighted by L1_WEIGHT
+    # and GIOU_WEIGHT). The paper gives no value; 1.0 = the Hungarian matching cost.
+    _C.OTA.REG_WEIGHT = 1.0
+    # Background (negative assignment) cost. "full_focal": full focal loss of the all-zero target
+    # vs the full focal loss of the GT's one-hot target for positives (consistent; the default).
+    # "neg_focal": focal loss of "no object" vs the Hungarian cost (a literal reading of eq. 1).
+    _C.OTA.BG_COST = "full_focal"
+    # Loss normaliser of SetCriterion: "num_gt" (Sparse R-CNN, official) or "num_positives" (the
+    # number of matched pairs of each stage, averaged over processes; the DLA configs use it).
+    _C.LOSS_NORMALIZE_BY = "num_gt"
+    # Table 3's "two losses": also add the one-to-one Hungarian loss of every stage
+    # (loss_*_stage{t}_o2o) to the many-to-one OTA loss. Off for Sparse R-CNN; on in the full DLA.
+    _C.TWO_LOSSES = False
+    # Dynamic proposal generation (DPG, section 3.3): used when PROPOSAL_GENERATOR is
+    # "DynamicProposalGenerator".
+    _C.DPG = CN()
+    _C.DPG.NUM_EXPERTS = 4  # N_e (paper: 4, table 5)
+    # Softmax temperature over the experts, annealed linearly from TAU_START to TAU_END over the
+    # first TAU_ANNEAL_ITERS training iterations (dynamic convolution: 30 -> 1 over 10 epochs;
+    # 73300 iterations = 10 COCO epochs at batch 16; the paper gives no length). TAU_END at
+    # inference.
+    _C.DPG.TAU_START = 30.0
+    _C.DPG.TAU_END = 1.0
+    _C.DPG.TAU_ANNEAL_ITERS = 73300
+    # Staircase aggregation of P2-P5 in the expert-weight network (paper: on; table 2 row 2 off).
+    _C.DPG.STAIRCASE = True
+    _C.DPG.FC_DIM = 1500  # width of the first FC layer (paper: 900 x 1500)
+    _C.DPG.GRID_SIZE = 30  # fused features are interpolated to GRID_SIZE x GRID_SIZE (paper: 30)
+
+    # ---- Data (used by sparse_rcnn.dataset_mapper) ----
+    # With INPUT.CROP.ENABLED, half of the training samples are first resized to one of these short
+    # sides, then randomly cropped (INPUT.CROP.TYPE/SIZE), then multi-scale resized (official).
+    cfg.INPUT.CROP.RESIZE_SIZES = (400, 500, 600)
 
     # ---- Solver (used by sparse_rcnn.solver.build_optimizer) ----
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"

@@ -3,7 +3,8 @@
 Criteria are registered in ``SPARSE_RCNN_CRITERION_REGISTRY`` and chosen by
 ``cfg.MODEL.SPARSE_RCNN.CRITERION_NAME``.
 """
-from typing import Dict, List
+
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
@@ -14,13 +15,15 @@ from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
-from .matcher import MatchIndices, build_matcher
+from .matcher import SPARSE_RCNN_MATCHER_REGISTRY, MatchIndices, build_matcher
 
 SPARSE_RCNN_CRITERION_REGISTRY = Registry("SPARSE_RCNN_CRITERION")
 SPARSE_RCNN_CRITERION_REGISTRY.__doc__ = """
 Registry for the losses of Sparse R-CNN, selected by ``cfg.MODEL.SPARSE_RCNN.CRITERION_NAME`` and
 built as ``obj(cfg)``.
 """
+
+LOSS_NORMALIZERS = ("num_gt", "num_positives")
 
 
 def prepare_targets(gt_instances: List[Instances], device: torch.device) -> List[Dict]:
@@ -53,6 +56,11 @@ class SetCriterion(nn.Module):
     Every term is summed and divided by the number of GT boxes in the batch, averaged over all
     processes and clamped to >= 1, then multiplied by its weight (class 2, L1 5, GIoU 2). The L1
     term compares box corners divided by the image's width and height.
+
+    For many-to-one matchers (Dynamic Sparse R-CNN's ``OTAMatcher``) two options: the normaliser
+    may be each stage's number of matched pairs instead (``normalize_by="num_positives"``), and a
+    one-to-one matcher may add a second, Hungarian loss per stage (``one_to_one_matcher``, the
+    "two losses" of Dynamic Sparse R-CNN table 3). Neither is used by Sparse R-CNN.
     """
 
     @configurable
@@ -67,6 +75,8 @@ class SetCriterion(nn.Module):
         alpha: float = 0.25,
         gamma: float = 2.0,
         deep_supervision: bool = True,
+        normalize_by: str = "num_gt",
+        one_to_one_matcher: Optional[nn.Module] = None,
     ):
         """
         Args:
@@ -75,18 +85,40 @@ class SetCriterion(nn.Module):
             class_weight, l1_weight, giou_weight: loss weights.
             alpha, gamma: focal-loss parameters.
             deep_supervision: loss on every stage (True) or on the last only.
+            normalize_by: "num_gt": every stage's terms are divided by the number of GT boxes
+                (Sparse R-CNN, official). "num_positives": by the number of matched pairs of that
+                stage (with a many-to-one matcher it differs from the number of GT boxes and from
+                stage to stage). Either count is averaged over processes and clamped to >= 1.
+            one_to_one_matcher: if given (Dynamic Sparse R-CNN's "two losses"), every stage also
+                gets the same three terms with this matcher's (one-to-one) assignment, normalised
+                by the number of GT boxes, as ``loss_{cls,l1,giou}_stage{t}_o2o``, weight 1.
         """
         super().__init__()
+        if normalize_by not in LOSS_NORMALIZERS:
+            raise ValueError(
+                f"MODEL.SPARSE_RCNN.LOSS_NORMALIZE_BY must be one of {LOSS_NORMALIZERS}, "
+                f"got {normalize_by!r}"
+            )
         self.matcher = matcher
         self.num_classes = num_classes
         self.weights = {"cls": class_weight, "l1": l1_weight, "giou": giou_weight}
         self.alpha = alpha
         self.gamma = gamma
         self.deep_supervision = deep_supervision
+        self.normalize_by = normalize_by
+        self.one_to_one_matcher = one_to_one_matcher
 
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.SPARSE_RCNN
+        one_to_one_matcher = None
+        if c.TWO_LOSSES:
+            if c.MATCHER_NAME == "HungarianMatcher":
+                raise ValueError(
+                    "MODEL.SPARSE_RCNN.TWO_LOSSES adds a one-to-one Hungarian loss to a "
+                    "many-to-one matcher's loss; it needs MATCHER_NAME other than HungarianMatcher."
+                )
+            one_to_one_matcher = SPARSE_RCNN_MATCHER_REGISTRY.get("HungarianMatcher")(cfg)
         return {
             "matcher": build_matcher(cfg),
             "num_classes": c.NUM_CLASSES,
@@ -96,6 +128,8 @@ class SetCriterion(nn.Module):
             "alpha": c.ALPHA,
             "gamma": c.GAMMA,
             "deep_supervision": c.DEEP_SUPERVISION,
+            "normalize_by": c.LOSS_NORMALIZE_BY,
+            "one_to_one_matcher": one_to_one_matcher,
         }
 
     @staticmethod
@@ -120,7 +154,8 @@ class SetCriterion(nn.Module):
         Args:
             pred_logits: (B, N, K); pred_boxes: (B, N, 4) xyxy pixels.
             targets: see :func:`prepare_targets`; indices: the matcher's output.
-            normalizer: the loss normaliser (number of GT boxes, averaged over processes).
+            normalizer: the loss normaliser (number of GT boxes or of matched pairs, averaged over
+                processes, see ``normalize_by``).
         """
         pred_logits, pred_boxes = pred_logits.float(), pred_boxes.float()
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
@@ -137,7 +172,9 @@ class SetCriterion(nn.Module):
         # L1 on corners divided by the image size, and GIoU, on matched pairs.
         src_boxes = pred_boxes[batch_idx, src_idx]
         gt_boxes = torch.cat([t["boxes"][gt] for t, (_, gt) in zip(targets, indices)])
-        whwh = torch.cat([t["image_whwh"].expand(len(gt), 4) for t, (_, gt) in zip(targets, indices)])
+        whwh = torch.cat(
+            [t["image_whwh"].expand(len(gt), 4) for t, (_, gt) in zip(targets, indices)]
+        )
         loss_l1 = (src_boxes / whwh - gt_boxes / whwh).abs().sum()
         loss_giou = generalized_box_iou_loss(src_boxes, gt_boxes, reduction="sum")
         raw = {"cls": loss_cls, "l1": loss_l1, "giou": loss_giou}
@@ -152,7 +189,8 @@ class SetCriterion(nn.Module):
             targets: see :func:`prepare_targets`.
 
         Returns:
-            ``loss_{cls,l1,giou}_stage{t}`` (t = 1 ... T), already weighted.
+            ``loss_{cls,l1,giou}_stage{t}`` (t = 1 ... T), already weighted; with a
+            ``one_to_one_matcher`` also ``loss_{cls,l1,giou}_stage{t}_o2o``.
         """
         device = stage_outputs[-1]["pred_boxes"].device
         normalizer = self.average_over_processes(sum(len(t["labels"]) for t in targets), device)
@@ -162,11 +200,24 @@ class SetCriterion(nn.Module):
         for stage in stages:
             out = stage_outputs[stage]
             indices = self.matcher(out["pred_logits"], out["pred_boxes"], targets, stage)
+            stage_normalizer = normalizer
+            if self.normalize_by == "num_positives":
+                # Every process calls this once per stage, so the all-reduces stay in step.
+                num_positives = sum(len(src) for src, _ in indices)
+                stage_normalizer = self.average_over_processes(num_positives, device)
             terms = self.stage_losses(
-                out["pred_logits"], out["pred_boxes"], targets, indices, normalizer
+                out["pred_logits"], out["pred_boxes"], targets, indices, stage_normalizer
             )
             names = loss_names(stage)
             losses.update({names[term]: value for term, value in terms.items()})
+            if self.one_to_one_matcher is not None:
+                indices = self.one_to_one_matcher(
+                    out["pred_logits"], out["pred_boxes"], targets, stage
+                )
+                terms = self.stage_losses(
+                    out["pred_logits"], out["pred_boxes"], targets, indices, normalizer
+                )
+                losses.update({names[term] + "_o2o": value for term, value in terms.items()})
         return losses
 
 

@@ -4,6 +4,7 @@
         --input img1.png img2.png (or a folder) --output out_dir \
         --confidence-threshold 0.3 --opts MODEL.WEIGHTS output/quick_cpu/model_final.pth
 """
+
 import argparse
 import glob
 import os
@@ -40,7 +41,9 @@ def expand_inputs(inputs: List[str]) -> List[str]:
     for item in inputs:
         if os.path.isdir(item):
             paths += sorted(
-                p for p in glob.glob(os.path.join(item, "*")) if p.lower().endswith(IMAGE_EXTENSIONS)
+                p
+                for p in glob.glob(os.path.join(item, "*"))
+                if p.lower().endswith(IMAGE_EXTENSIONS)
             )
         else:
             paths += sorted(glob.glob(os.path.expanduser(item))) or [item]

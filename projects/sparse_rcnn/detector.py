@@ -3,6 +3,7 @@
 images -> backbone (ResNet-FPN, P2-P5) -> proposal boxes and features -> T iterative stages ->
 per-stage predictions -> matcher + set loss (training) or top-k post-processing (inference).
 """
+
 import logging
 from typing import Dict, List, Optional, Tuple
 
@@ -48,6 +49,7 @@ class SparseRCNN(nn.Module):
         pixel_std: Tuple[float, float, float],
         score_thresh_test: float = 0.0,
         nms_thresh_test: Optional[float] = None,
+        output_all_stages: bool = False,
     ):
         """
         Args:
@@ -60,6 +62,9 @@ class SparseRCNN(nn.Module):
             pixel_mean, pixel_std: per-channel normalisation, in the input format's channel order.
             score_thresh_test: detections with a score not above this are dropped at inference.
             nms_thresh_test: IoU of class-aware NMS at inference; None disables NMS.
+            output_all_stages: at inference also return every stage's detections as
+                "stage_instances" (a list, stage 1 first), for per-stage evaluation (paper figure 6
+                of Dynamic Sparse R-CNN). Off by default: it computes every stage's class logits.
         """
         super().__init__()
         self.backbone = backbone
@@ -70,6 +75,7 @@ class SparseRCNN(nn.Module):
         self.num_classes = num_classes
         self.score_thresh_test = score_thresh_test
         self.nms_thresh_test = nms_thresh_test
+        self.output_all_stages = output_all_stages
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -94,6 +100,7 @@ class SparseRCNN(nn.Module):
             "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
             "score_thresh_test": c.SCORE_THRESH_TEST,
             "nms_thresh_test": c.NMS_THRESH_TEST if c.NMS_ENABLED else None,
+            "output_all_stages": c.EVAL_PER_STAGE,
         }
 
     @property
@@ -170,11 +177,21 @@ class SparseRCNN(nn.Module):
             return self.criterion(stage_outputs, targets)
 
         last = self.head.num_stages - 1
-        stage_outputs = self.head(features, proposal_boxes, proposal_features, [last])
-        results = self.inference(
-            stage_outputs[-1]["pred_logits"], stage_outputs[-1]["pred_boxes"], images.image_sizes
-        )
-        return self._postprocess(results, batched_inputs, images.image_sizes)
+        stages = None if self.output_all_stages else [last]
+        stage_outputs = self.head(features, proposal_boxes, proposal_features, stages)
+        processed = [
+            self._postprocess(
+                self.inference(out["pred_logits"], out["pred_boxes"], images.image_sizes),
+                batched_inputs,
+                images.image_sizes,
+            )
+            for out in (stage_outputs if self.output_all_stages else stage_outputs[-1:])
+        ]
+        results = [{"instances": r} for r in processed[-1]]
+        if self.output_all_stages:
+            for index, result in enumerate(results):
+                result["stage_instances"] = [stage[index] for stage in processed]
+        return results
 
     def inference(
         self, box_cls: torch.Tensor, box_pred: torch.Tensor, image_sizes: List[Tuple[int, int]]
@@ -196,6 +213,10 @@ class SparseRCNN(nn.Module):
             keep = topk_scores > self.score_thresh_test
             topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
             if self.nms_thresh_test is not None:
+                # Clip first (as Detectron2's own inference does) so that NMS sees the final boxes.
+                clipped = Boxes(boxes)
+                clipped.clip(image_size)
+                boxes = clipped.tensor
                 keep = batched_nms(boxes, topk_scores, classes, self.nms_thresh_test)
                 topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
             result = Instances(image_size)
@@ -206,11 +227,13 @@ class SparseRCNN(nn.Module):
         return results
 
     @staticmethod
-    def _postprocess(results: List[Instances], batched_inputs: List[Dict], image_sizes):
+    def _postprocess(
+        results: List[Instances], batched_inputs: List[Dict], image_sizes
+    ) -> List[Instances]:
         """Rescale to the requested output size ("height"/"width") and clip to the image."""
         processed = []
         for result, input_per_image, image_size in zip(results, batched_inputs, image_sizes):
             height = input_per_image.get("height", image_size[0])
             width = input_per_image.get("width", image_size[1])
-            processed.append({"instances": detector_postprocess(result, height, width)})
+            processed.append(detector_postprocess(result, height, width))
         return processed

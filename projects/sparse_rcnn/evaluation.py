@@ -1,6 +1,7 @@
 """Per-stage evaluation: COCO box AP of every iterative stage in one pass (Dynamic Sparse R-CNN,
 figure 6). Needs ``MODEL.SPARSE_RCNN.EVAL_PER_STAGE: True`` so the model returns
 "stage_instances"."""
+
 import os
 from collections import OrderedDict
 from typing import Callable, Dict, List

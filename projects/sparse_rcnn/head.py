@@ -3,6 +3,7 @@
 Parameter names follow the official implementation (``head_series.{t}.self_attn``,
 ``inst_interact.dynamic_layer``, ``cls_module.{i}``, ...), so that its checkpoints load unchanged.
 """
+
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -54,7 +55,9 @@ class DynamicConv(nn.Module):
     def __init__(self, hidden_dim: int, dim_dynamic: int, num_dynamic: int, pooler_resolution: int):
         super().__init__()
         if num_dynamic != 2:
-            raise ValueError(f"MODEL.SPARSE_RCNN.NUM_DYNAMIC must be 2 (C->D->C), got {num_dynamic}")
+            raise ValueError(
+                f"MODEL.SPARSE_RCNN.NUM_DYNAMIC must be 2 (C->D->C), got {num_dynamic}"
+            )
         self.hidden_dim = hidden_dim
         self.dim_dynamic = dim_dynamic
         self.num_params = hidden_dim * dim_dynamic
@@ -107,7 +110,9 @@ class DynamicStage(nn.Module):
     ):
         super().__init__()
         self.hidden_dim = hidden_dim
-        self.self_attn = nn.MultiheadAttention(hidden_dim, nheads, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(
+            hidden_dim, nheads, dropout=dropout, batch_first=True
+        )
         self.inst_interact = DynamicConv(hidden_dim, dim_dynamic, num_dynamic, pooler_resolution)
         self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
         self.dropout = nn.Dropout(dropout)

@@ -5,6 +5,7 @@ xyxy pixels of each unpadded image) and proposal features. Sparse R-CNN learns o
 (:class:`LearnableProposals`); Dynamic Sparse R-CNN mixes several learned sets per image
 (``sparse_rcnn.dynamic_proposals``).
 """
+
 import math
 from typing import Dict, Tuple
 

@@ -1,5 +1,6 @@
 """The optimizer of Sparse R-CNN: AdamW (or SGD) with a backbone LR multiplier and full-model
 gradient clipping (the L2 norm of all gradients together), which Detectron2 does not offer."""
+
 import itertools
 from typing import Type
 

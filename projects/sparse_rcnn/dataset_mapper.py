@@ -1,0 +1,161 @@
+"""The training augmentation of Sparse R-CNN (paper section 4 and the official
+``SparseRCNNDatasetMapper``).
+
+Training: random horizontal flip; then, with ``INPUT.CROP.ENABLED``, in half of the samples a
+resize of the short side to one of (400, 500, 600) followed by a random crop of
+``INPUT.CROP.TYPE`` / ``INPUT.CROP.SIZE``; then always a multi-scale resize of the short side to
+one of ``INPUT.MIN_SIZE_TRAIN`` (long side at most ``INPUT.MAX_SIZE_TRAIN``). Inference: resize
+to ``INPUT.MIN_SIZE_TEST`` / ``INPUT.MAX_SIZE_TEST``.
+"""
+
+import logging
+import math
+from typing import List, Optional, Sequence
+
+from detectron2.config import configurable
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+
+__all__ = ["SparseRCNNDatasetMapper", "build_sparse_rcnn_augmentation"]
+
+logger = logging.getLogger(__name__)
+
+# Short sides of the resize before the random crop, for COCO-size images (official defaults).
+DEFAULT_CROP_RESIZE_SIZES = (400, 500, 600)
+
+
+def build_sparse_rcnn_augmentation(
+    cfg,
+    is_train: bool,
+    crop_resize_sizes: Sequence[int] = DEFAULT_CROP_RESIZE_SIZES,
+    crop_prob: float = 0.5,
+) -> List[T.Augmentation]:
+    """The augmentations of Sparse R-CNN.
+
+    Args:
+        cfg: a Detectron2 config (``INPUT.*``).
+        is_train: training (flip, optional resize + crop, multi-scale resize) or inference
+            (single-scale resize).
+        crop_resize_sizes: short sides the image is resized to (one at random) before the crop.
+        crop_prob: probability of the resize + crop, when ``INPUT.CROP.ENABLED``.
+
+    Returns:
+        Augmentations, applied in order.
+    """
+    if not is_train:
+        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
+    augs = []
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(
+            T.RandomFlip(
+                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
+            )
+        )
+    if cfg.INPUT.CROP.ENABLED:
+        crop = T.AugmentationList(
+            [
+                T.ResizeShortestEdge(list(crop_resize_sizes), sample_style="choice"),
+                T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE),
+            ]
+        )
+        augs.append(T.RandomApply(crop, prob=crop_prob))
+    augs.append(
+        T.ResizeShortestEdge(
+            cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+        )
+    )
+    return augs
+
+
+def _float_box_annotation(anno: dict) -> Optional[dict]:
+    """The annotation with a float box, or None if its category or box is invalid or empty.
+
+    Float boxes matter: Detectron2 transforms an integer box array in place, truncating every
+    coordinate after each transform.
+    """
+    try:
+        int(anno["category_id"])
+        bbox = [float(v) for v in anno["bbox"]]
+        if len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
+            return None
+        x0, y0, x1, y1 = BoxMode.convert(bbox, anno["bbox_mode"], BoxMode.XYXY_ABS)
+    except (KeyError, TypeError, ValueError, AssertionError):
+        return None
+    if not (x1 > x0 and y1 > y0):
+        return None
+    anno["bbox"] = bbox
+    return anno
+
+
+class SparseRCNNDatasetMapper(DatasetMapper):
+    """Detectron2's ``DatasetMapper`` with Sparse R-CNN's augmentation
+    (``build_sparse_rcnn_augmentation``) and a forgiving treatment of annotations.
+
+    Every output dict has "image" (uint8 (C, H, W) in ``image_format``), "height" and "width"
+    (the original size, for rescaling the predictions). Training dicts also have "instances"
+    (``Instances`` with gt_boxes (XYXY, clipped to the image) and gt_classes), possibly empty:
+    annotations with an invalid or degenerate box, crowd annotations and boxes cropped away are
+    dropped, and an image left without objects is kept. Inference dicts have no "instances".
+    """
+
+    @configurable
+    def __init__(self, is_train: bool, *, augmentations, image_format: str, **kwargs):
+        """
+        Args:
+            is_train: whether to produce "instances".
+            augmentations: augmentations or deterministic transforms, applied in order.
+            image_format: an image format supported by ``detection_utils.read_image``.
+            kwargs: the other arguments of ``DatasetMapper`` (masks, keypoints, proposals).
+        """
+        super().__init__(is_train, augmentations=augmentations, image_format=image_format, **kwargs)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg,
+        is_train: bool = True,
+        crop_resize_sizes: Optional[Sequence[int]] = None,
+        crop_prob: float = 0.5,
+    ):
+        """
+        Args:
+            cfg, is_train: as in ``DatasetMapper``.
+            crop_resize_sizes: short sides of the resize before the crop. Default:
+                ``cfg.INPUT.CROP.RESIZE_SIZES`` (official: 400, 500, 600, for COCO-size images).
+            crop_prob: probability of the resize + crop (official: 0.5).
+        """
+        if crop_resize_sizes is None:
+            crop_resize_sizes = cfg.INPUT.CROP.RESIZE_SIZES
+        ret = super().from_config(cfg, is_train)
+        ret["augmentations"] = build_sparse_rcnn_augmentation(
+            cfg, is_train, crop_resize_sizes=crop_resize_sizes, crop_prob=crop_prob
+        )
+        return ret
+
+    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+        # dataset_dict is the mapper's own deep copy: its annotations can be modified.
+        annos = dataset_dict["annotations"]
+        valid = [a for a in map(_float_box_annotation, annos) if a is not None]
+        if len(valid) != len(annos):
+            logger.debug(
+                f"Dropped {len(annos) - len(valid)} invalid annotation(s) of "
+                f"{dataset_dict.get('file_name', 'an image')}"
+            )
+        dataset_dict["annotations"] = valid
+        super()._transform_annotations(dataset_dict, transforms, image_shape)
+
+    def __call__(self, dataset_dict):
+        """
+        Args:
+            dataset_dict: one image in Detectron2's dataset format ("file_name", "height",
+                "width", "annotations" with "bbox", "bbox_mode", "category_id").
+
+        Returns:
+            The model's input dict ("image", "height", "width", and "instances" in training).
+        """
+        if self.is_train and "annotations" not in dataset_dict:
+            dataset_dict = {**dataset_dict, "annotations": []}
+        return super().__call__(dataset_dict)

@@ -1,0 +1,240 @@
+"""The synthetic_shapes dataset: determinism, tight boxes, distributions, lazy registration."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from sparse_rcnn import builtin_datasets as bd
+
+SMALL = dict(num_images=20, image_size=64)
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def small_split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    json_file, image_root = bd.ensure_generated("val", root=root, seed=3, **SMALL)
+    with open(json_file) as f:
+        return root, json.load(f), Path(image_root)
+
+
+@pytest.fixture
+def synthetic_registration(tmp_path, monkeypatch):
+    """Register synthetic_shapes_{train,val} with tiny splits in a temporary cache; restore after."""
+    names = ["synthetic_shapes_train", "synthetic_shapes_val"]
+    saved = {}
+    for name in names:
+        if name in DatasetCatalog.list():
+            saved[name] = (
+                DatasetCatalog[name],
+                MetadataCatalog.get(name),
+                bd._REGISTERED.get(name),
+            )
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+    monkeypatch.setenv("SPARSE_RCNN_DATASETS", str(tmp_path))
+    registered = bd.register_synthetic_shapes(splits={"train": 12, "val": 10}, image_size=64)
+    yield tmp_path, registered
+    for name in names:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        bd._REGISTERED.pop(name, None)
+        if name in saved:
+            func, meta, spec = saved[name]
+            DatasetCatalog.register(name, func)
+            MetadataCatalog[name] = meta
+            if spec is not None:
+                bd._REGISTERED[name] = spec
+
+
+def test_same_seed_same_files_other_seed_differs(tmp_path, small_split):
+    _, coco, image_root = small_split
+    json_b, root_b = bd.ensure_generated("val", root=tmp_path / "b", seed=3, **SMALL)
+    with open(json_b) as f:
+        assert json.load(f) == coco
+    assert _digest(Path(root_b)) == _digest(image_root)
+    json_c, root_c = bd.ensure_generated("val", root=tmp_path / "c", seed=4, **SMALL)
+    with open(json_c) as f:
+        assert json.load(f)["annotations"] != coco["annotations"]
+    assert _digest(Path(root_c)) != _digest(image_root)
+    # Splits differ for the same seed.
+    _, root_d = bd.ensure_generated("train", root=tmp_path / "c", seed=3, **SMALL)
+    assert _digest(Path(root_d)) != _digest(image_root)
+
+
+def test_generate_sample_is_deterministic():
+    a = bd.generate_sample(np.random.default_rng(7), 96)
+    b = bd.generate_sample(np.random.default_rng(7), 96)
+    c = bd.generate_sample(np.random.default_rng(8), 96)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_coco_json_and_images(small_split):
+    _, coco, image_root = small_split
+    assert [c["id"] for c in coco["categories"]] == [1, 2, 3]
+    assert [c["name"] for c in coco["categories"]] == list(bd.SYNTHETIC_SHAPES_CLASSES)
+    assert len(coco["images"]) == 20 and len(list(image_root.iterdir())) == 20
+    ids = [a["id"] for a in coco["annotations"]]
+    assert len(set(ids)) == len(ids) and min(ids) >= 1
+    for im in coco["images"]:
+        image = cv2.imread(str(image_root / im["file_name"]))
+        assert image.shape == (im["height"], im["width"], 3) == (64, 64, 3)
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert a["iscrowd"] == 0 and a["category_id"] in (1, 2, 3)
+        assert w >= 2 and h >= 2
+        assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64
+        assert 0 < a["area"] <= w * h
+
+
+def test_box_is_tight_on_flat_background():
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        image, annos = bd.generate_sample(
+            rng, (80, 96), num_objects=1, background=(0, 0, 0), noise=False
+        )
+        if not annos:
+            continue
+        fg = image.any(axis=2)
+        ys, xs = np.nonzero(fg)
+        x, y, w, h = annos[0]["bbox"]
+        expected = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        assert np.abs(np.array([x, y, x + w, y + h]) - expected).max() <= 1, seed
+
+
+def test_occlusion_keeps_half_visible_and_full_boxes():
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        image, annos, full, visible = bd.generate_sample(
+            rng, 64, num_objects=4, noise=False, return_masks=True
+        )
+        for anno, full_mask, vis_mask in zip(annos, full, visible):
+            assert vis_mask.sum() >= 0.5 * full_mask.sum()
+            assert not (vis_mask & ~full_mask).any()
+            ys, xs = np.nonzero(full_mask)
+            x, y, w, h = anno["bbox"]
+            assert (x, y, x + w, y + h) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+
+def test_class_and_count_distributions():
+    counts, classes = [], []
+    for index in range(200):
+        _, annos = bd.generate_sample(np.random.default_rng([0, index]), 64, noise=False)
+        counts.append(len(annos))
+        classes += [a["category_id"] for a in annos]
+    counts = np.array(counts)
+    assert 0.03 < (counts == 0).mean() < 0.3  # some images are empty
+    assert counts.max() <= 4 and (counts >= 3).mean() > 0.2
+    hist = np.bincount(classes, minlength=4)[1:]
+    assert hist.min() > 0.2 * len(classes)  # every class, roughly balanced
+
+
+def test_object_sizes_vary():
+    sides = []
+    for index in range(100):
+        _, annos = bd.generate_sample(np.random.default_rng([1, index]), 128, noise=False)
+        sides += [max(a["bbox"][2], a["bbox"][3]) / 128 for a in annos]
+    sides = np.array(sides)
+    assert sides.min() < 0.12 and sides.max() > 0.45
+    assert 0.05 <= np.median(sides) <= 0.4
+
+
+def test_cache_reuse_and_parameter_change(tmp_path):
+    json_file, image_root = bd.ensure_generated("val", root=tmp_path, num_images=5, image_size=32)
+    mtime = Path(json_file).stat().st_mtime_ns
+    assert bd.ensure_generated("val", root=tmp_path, num_images=5, image_size=32) == (
+        json_file,
+        image_root,
+    )
+    assert Path(json_file).stat().st_mtime_ns == mtime  # not regenerated
+    json_2, root_2 = bd.ensure_generated("val", root=tmp_path, num_images=7, image_size=32)
+    assert json_2 == json_file and root_2 != image_root
+    with open(json_2) as f:
+        assert len(json.load(f)["images"]) == 7
+    assert not Path(image_root).exists()  # the stale images were removed
+    # No temporary folders are left behind.
+    assert not [p for p in Path(json_file).parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSE_RCNN_DATASETS", str(tmp_path))
+    assert bd.default_cache_dir() == tmp_path
+    monkeypatch.delenv("SPARSE_RCNN_DATASETS")
+    repo = Path(bd.__file__).resolve().parents[2]
+    assert bd.default_cache_dir() == repo / "datasets" / "cache"
+
+
+def test_registration_is_lazy_and_loads(synthetic_registration):
+    root, registered = synthetic_registration
+    assert registered == ["synthetic_shapes_train", "synthetic_shapes_val"]
+    meta = MetadataCatalog.get("synthetic_shapes_val")
+    assert meta.thing_classes == ["rectangle", "ellipse", "triangle"]
+    assert meta.evaluator_type == "coco"
+    assert Path(meta.json_file) == root / "synthetic_shapes" / "val.json"
+    assert not (root / "synthetic_shapes").exists()  # registering generated nothing
+    # Registering again is a no-op (Detectron2 would raise on a duplicate).
+    assert bd.register_synthetic_shapes(splits={"val": 10}, image_size=64) == []
+
+    dicts = DatasetCatalog.get("synthetic_shapes_val")
+    assert Path(meta.json_file).is_file() and Path(meta.image_root).is_dir()
+    assert not (root / "synthetic_shapes" / "train.json").exists()  # only the loaded split
+    assert len(dicts) == 10
+    classes = {a["category_id"] for d in dicts for a in d["annotations"]}
+    assert classes <= {0, 1, 2} and classes
+    for d in dicts:
+        assert Path(d["file_name"]).is_file()
+        assert (d["height"], d["width"]) == (64, 64)
+    assert meta.thing_dataset_id_to_contiguous_id == {1: 0, 2: 1, 3: 2}
+
+
+def test_prepare_generates_for_evaluation(synthetic_registration):
+    root, _ = synthetic_registration
+    ready = bd.prepare_synthetic_shapes(["synthetic_shapes_train", "coco_2017_val", "unknown"])
+    assert ready == ["synthetic_shapes_train"]
+    assert bd.prepare_builtin_dataset("synthetic_shapes_train")
+    assert not bd.prepare_builtin_dataset("coco_2017_val")
+    json_file = MetadataCatalog.get("synthetic_shapes_train").json_file
+    assert Path(json_file).is_file()
+    assert not (root / "synthetic_shapes" / "val.json").exists()
+    # COCOEvaluator can read the json now.
+    from detectron2.evaluation import COCOEvaluator
+
+    evaluator = COCOEvaluator("synthetic_shapes_train", tasks=("bbox",), distributed=False)
+    assert len(evaluator._coco_api.getImgIds()) == 12
+
+
+def _generate_in_child(root):
+    bd.ensure_generated("train", root=root, num_images=30, image_size=48)
+
+
+def test_concurrent_generation_is_safe(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_generate_in_child, args=(tmp_path,)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    json_file, image_root = bd.synthetic_shapes_paths(
+        "train", root=tmp_path, num_images=30, image_size=48
+    )
+    with open(json_file) as f:
+        coco = json.load(f)
+    assert sorted(p.name for p in Path(image_root).iterdir()) == sorted(
+        im["file_name"] for im in coco["images"]
+    )
+    # No temporary folders left: only the json and its image folder.
+    names = {p.name for p in (tmp_path / "synthetic_shapes").iterdir()}
+    assert names == {Path(image_root).name, "train.json"}

@@ -1,0 +1,153 @@
+"""End to end: train_net.py trains the tiny config on a small built-in dataset, writes checkpoints,
+evaluates with COCOEvaluator (--eval-only), resumes (--resume); DefaultPredictor and the demo run
+on the result."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_CONFIG
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import DefaultPredictor, default_argument_parser
+
+from sparse_rcnn import register_synthetic_shapes
+from sparse_rcnn.demo import main as demo_main
+from sparse_rcnn.demo import setup_cfg
+
+sys.path.insert(0, str(REPO_ROOT))
+import train_net  # noqa: E402
+
+PREFIX = "e2e_shapes"
+MAX_ITER = 40
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    names = register_synthetic_shapes(
+        root, splits={"train": 32, "val": 8}, image_size=96, prefix=PREFIX
+    )
+    yield root
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def train_opts(output_dir, max_iter=MAX_ITER):
+    return [
+        "OUTPUT_DIR", str(output_dir),
+        "DATASETS.TRAIN", f"('{PREFIX}_train',)",
+        "DATASETS.TEST", f"('{PREFIX}_val',)",
+        "SOLVER.MAX_ITER", str(max_iter),
+        "SOLVER.BASE_LR", "0.001",
+        "SOLVER.IMS_PER_BATCH", "4",
+        "SOLVER.CHECKPOINT_PERIOD", "20",
+        "INPUT.CROP.ENABLED", "True",
+        "SEED", "3",
+    ]  # fmt: skip
+
+
+def run_main(argv):
+    torch.set_num_threads(1)
+    return train_net.main(default_argument_parser().parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def trained(datasets, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("train")
+    run_main(["--config-file", str(TINY_CONFIG), *train_opts(output_dir)])
+    return output_dir
+
+
+def read_metrics(output_dir, key="total_loss"):
+    with open(output_dir / "metrics.json") as f:
+        return [json.loads(line) for line in f if f'"{key}"' in line]
+
+
+def test_training_lowers_the_loss_and_logs_every_stage(trained):
+    output_dir = trained
+    metrics = read_metrics(output_dir)
+    assert [m["iteration"] for m in metrics][-1] == MAX_ITER - 1
+    # Detectron2 logs the median loss of every 20 iterations: iterations 0-19, then 20-39.
+    losses = [m["total_loss"] for m in metrics]
+    assert len(losses) == MAX_ITER // 20 and all(np.isfinite(losses))
+    assert losses[-1] < 0.85 * losses[0]
+    for stage in range(1, 7):
+        for term in ("cls", "l1", "giou"):
+            assert f"loss_{term}_stage{stage}" in metrics[-1]
+
+
+def test_training_writes_checkpoints_and_evaluates(trained):
+    output_dir = trained
+    assert (output_dir / "model_final.pth").exists()
+    assert (output_dir / "model_0000019.pth").exists()
+    assert (output_dir / "last_checkpoint").read_text().strip() == "model_final.pth"
+    # The EvalHook evaluates with COCOEvaluator after the last iteration and logs the metrics.
+    (evaluation,) = read_metrics(output_dir, "bbox/AP")
+    assert evaluation["iteration"] == MAX_ITER
+    assert 0.0 <= evaluation["bbox/AP"] <= 100.0
+
+
+def test_eval_only_returns_coco_metrics(trained):
+    output_dir = trained
+    (evaluation,) = read_metrics(output_dir, "bbox/AP")
+    weights = str(output_dir / "model_final.pth")
+    eval_dir = output_dir / "eval"
+    argv = ["--config-file", str(TINY_CONFIG), "--eval-only", *train_opts(eval_dir)]
+    eval_results = run_main(argv + ["MODEL.WEIGHTS", weights])
+    assert set(eval_results["bbox"]) >= {"AP", "AP50", "AP75", "AP-rectangle"}
+    # The same weights give the same AP as the evaluation at the end of training.
+    assert eval_results["bbox"]["AP"] == pytest.approx(evaluation["bbox/AP"], abs=1e-6)
+    # COCOEvaluator saw the model's detections: at most NUM_PROPOSALS for each of the 8 images.
+    with open(eval_dir / "inference" / f"{PREFIX}_val" / "coco_instances_results.json") as f:
+        detections = json.load(f)
+    per_image = np.bincount([d["image_id"] for d in detections])
+    assert len(np.nonzero(per_image)[0]) == 8 and per_image.max() <= 20
+
+
+def test_resume_continues_at_the_right_iteration(trained):
+    output_dir = trained
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(TINY_CONFIG), "--resume", *train_opts(output_dir, MAX_ITER + 10)]
+    )
+    cfg = train_net.setup(args)
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == MAX_ITER
+    checkpoint = torch.load(output_dir / "model_final.pth", map_location="cpu")
+    assert checkpoint["iteration"] == MAX_ITER - 1
+    model_state = trainer.model.state_dict()
+    for key in ("proposal_generator.init_proposal_boxes.weight", "head.head_series.5.norm3.weight"):
+        assert torch.equal(model_state[key], checkpoint["model"][key])
+    # The optimizer's moments and step count come back too.
+    restored = trainer.optimizer.state_dict()["state"]
+    saved = checkpoint["trainer"]["_trainer"]["optimizer"]["state"]
+    assert len(restored) == len(saved) > 0
+    some = next(iter(saved))
+    assert torch.equal(restored[some]["exp_avg"], saved[some]["exp_avg"])
+    scheduler_state = checkpoint["trainer"]["hooks"]["LRScheduler"]
+    assert trainer.scheduler.last_epoch == scheduler_state["last_epoch"] == MAX_ITER
+
+
+def test_default_predictor_and_demo(trained, datasets, tmp_path):
+    output_dir = trained
+    opts = ["MODEL.WEIGHTS", str(output_dir / "model_final.pth")]
+    cfg = setup_cfg(str(TINY_CONFIG), opts, confidence_threshold=0.0)
+    predictor = DefaultPredictor(cfg)
+    image = (np.random.RandomState(0).rand(80, 120, 3) * 255).astype(np.uint8)  # BGR, H x W
+    instances = predictor(image)["instances"]
+    assert instances.image_size == (80, 120)
+    assert 0 < len(instances) <= cfg.MODEL.SPARSE_RCNN.NUM_PROPOSALS
+    boxes = instances.pred_boxes.tensor
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 80).all()
+
+    val_images = sorted((datasets / "synthetic_shapes").glob(f"val_*/*.png"))[:2]
+    out = tmp_path / "vis"
+    demo_main(
+        ["--config-file", str(TINY_CONFIG), "--input", *map(str, val_images), "--output", str(out)]
+        + ["--confidence-threshold", "0.0", "--opts", *opts]
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in val_images)
