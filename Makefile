@@ -23,5 +23,16 @@ $(STAMP): requirements.txt setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The main job: train from scratch on the built-in synthetic dataset (generated on first use into
+# datasets/cache), evaluate with COCOEvaluator, draw predictions on validation images.
+DEMO_CONFIG := configs/sparse_rcnn_quick_cpu.yaml
+DEMO_OUT := output/quick_cpu
+demo: $(STAMP)
+	$(PY) train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUT)
+	$(PY) -m sparse_rcnn.demo --config-file $(DEMO_CONFIG) --output $(DEMO_OUT)/vis \
+		--input "datasets/cache/synthetic_shapes/val_*/00000[1-8].png" --confidence-threshold 0.3 \
+		--opts MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth
+	$(PY) -m sparse_rcnn.report $(DEMO_OUT)
+
 clean:
 	rm -rf $(VENV) output

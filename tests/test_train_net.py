@@ -151,3 +151,51 @@ def test_default_predictor_and_demo(trained, datasets, tmp_path):
         + ["--confidence-threshold", "0.0", "--opts", *opts]
     )
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in val_images)
+
+
+def test_eval_only_per_stage_reports_every_stage(trained):
+    output_dir = trained
+    weights = str(output_dir / "model_final.pth")
+    eval_dir = output_dir / "eval_per_stage"
+    argv = ["--config-file", str(TINY_CONFIG), "--eval-only", *train_opts(eval_dir)]
+    results = run_main(
+        argv + ["MODEL.WEIGHTS", weights, "MODEL.SPARSE_RCNN.EVAL_PER_STAGE", "True"]
+    )
+    assert set(results) == {"bbox"} | {f"bbox_stage{t}" for t in range(1, 7)}
+    # The last stage's detections are the model's final detections; earlier stages differ.
+    np.testing.assert_equal(results["bbox_stage6"], results["bbox"])
+    folder = eval_dir / "inference" / f"{PREFIX}_val"
+
+    def detections(subfolder):
+        with open(folder / subfolder / "coco_instances_results.json") as f:
+            return json.load(f)
+
+    assert detections("stage6") == detections(".")
+    assert detections("stage1") != detections("stage6")
+    assert len(detections("stage1")) <= 8 * 20  # boxes empty after clipping are dropped
+
+
+DYNAMIC_OPTS = [
+    "MODEL.SPARSE_RCNN.MATCHER_NAME", "OTAMatcher",
+    "MODEL.SPARSE_RCNN.PROPOSAL_GENERATOR", "DynamicProposalGenerator",
+    "MODEL.SPARSE_RCNN.LOSS_NORMALIZE_BY", "num_positives",
+    "MODEL.SPARSE_RCNN.TWO_LOSSES", "True",
+    "MODEL.SPARSE_RCNN.NMS_ENABLED", "True",
+    "MODEL.SPARSE_RCNN.DPG.TAU_ANNEAL_ITERS", "20",
+]  # fmt: skip
+
+
+def test_dynamic_sparse_rcnn_trains_and_its_checkpoint_evaluates(datasets, tmp_path):
+    output_dir = tmp_path / "dynamic"
+    run_main(["--config-file", str(TINY_CONFIG), *train_opts(output_dir), *DYNAMIC_OPTS])
+    metrics = read_metrics(output_dir)
+    losses = [m["total_loss"] for m in metrics]
+    assert len(losses) == MAX_ITER // 20 and all(np.isfinite(losses))
+    assert losses[-1] < 0.85 * losses[0]
+    assert "loss_cls_stage1_o2o" in metrics[-1]  # the one-to-one losses of "two losses"
+    argv = ["--config-file", str(TINY_CONFIG), "--eval-only", *train_opts(tmp_path / "eval")]
+    weights = ["MODEL.WEIGHTS", str(output_dir / "model_final.pth")]
+    results = run_main(argv + DYNAMIC_OPTS + weights)
+    assert 0.0 <= results["bbox"]["AP"] <= 100.0
+    checkpoint = torch.load(output_dir / "model_final.pth", map_location="cpu")
+    assert any(k.startswith("proposal_generator.") and "expert" in k for k in checkpoint["model"])
