@@ -27,6 +27,11 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
 
     # ---- Dynamic head (paper section 3.3 and figure 3) ----
     _C.HEAD_NAME = "DynamicHead"  # registry SPARSE_RCNN_HEAD_REGISTRY
+    # RoI pooler of the head: "fast" (sparse_rcnn.poolers.FastROIPooler: the same features and
+    # gradients as Detectron2's ROIPooler with a much faster CPU backward; it uses ROIPooler's
+    # path on CUDA; needs ROI_BOX_HEAD.POOLER_TYPE ROIAlign(V2) and POOLER_SAMPLING_RATIO > 0)
+    # or "detectron2" (detectron2.modeling.poolers.ROIPooler). Not in the official code.
+    _C.POOLER_IMPL = "fast"
     _C.HIDDEN_DIM = 256  # d, width of proposal features
     _C.NHEADS = 8  # attention heads of the self-attention between proposals
     _C.DROPOUT = 0.0

@@ -5,7 +5,7 @@ Parameter names follow the official implementation (``head_series.{t}.self_attn`
 """
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,8 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from detectron2.utils.registry import Registry
 from torch import nn
+
+from .poolers import FastROIPooler, PreparedFeatures
 
 SPARSE_RCNN_HEAD_REGISTRY = Registry("SPARSE_RCNN_HEAD")
 SPARSE_RCNN_HEAD_REGISTRY.__doc__ = """
@@ -77,8 +79,11 @@ class DynamicConv(nn.Module):
             (R, C) object features.
         """
         parameters = self.dynamic_layer(proposal_features)
-        param1 = parameters[:, : self.num_params].view(-1, self.hidden_dim, self.dim_dynamic)
-        param2 = parameters[:, self.num_params :].view(-1, self.dim_dynamic, self.hidden_dim)
+        # split (not two slices): its backward concatenates the two gradients instead of
+        # zero-filling a full (R, 2 * C * D) buffer per slice.
+        param1, param2 = parameters.split(self.num_params, dim=1)
+        param1 = param1.view(-1, self.hidden_dim, self.dim_dynamic)
+        param2 = param2.view(-1, self.dim_dynamic, self.hidden_dim)
         features = F.relu(self.norm1(torch.bmm(roi_features, param1)))
         features = F.relu(self.norm2(torch.bmm(features, param2)))
         # Flatten position-major, channel-minor: the official out_layer weights expect this order.
@@ -132,7 +137,7 @@ class DynamicStage(nn.Module):
 
     def forward(
         self,
-        features: List[torch.Tensor],
+        features: Union[List[torch.Tensor], PreparedFeatures],
         boxes: torch.Tensor,
         proposal_features: torch.Tensor,
         pooler: ROIPooler,
@@ -140,7 +145,8 @@ class DynamicStage(nn.Module):
     ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
         """
         Args:
-            features: feature maps (B, C, Hl, Wl) of the pooled levels.
+            features: feature maps (B, C, Hl, Wl) of the pooled levels, or the pooler's
+                ``prepare(features)``.
             boxes: (B, N, 4) xyxy pixel boxes of this stage's input.
             proposal_features: (B, N, C).
             pooler: the RoI pooler shared by all stages.
@@ -281,7 +287,13 @@ class DynamicHead(nn.Module):
                 f"The pooled features have {sorted(channels)} channels but "
                 f"MODEL.SPARSE_RCNN.HIDDEN_DIM is {hidden_dim}; set MODEL.FPN.OUT_CHANNELS to match."
             )
-        box_pooler = ROIPooler(
+        pooler_impls = {"fast": FastROIPooler, "detectron2": ROIPooler}
+        impl = cfg.MODEL.SPARSE_RCNN.POOLER_IMPL
+        if impl not in pooler_impls:
+            raise ValueError(
+                f"MODEL.SPARSE_RCNN.POOLER_IMPL must be one of {sorted(pooler_impls)}, got {impl!r}"
+            )
+        box_pooler = pooler_impls[impl](
             output_size=cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
             scales=tuple(1.0 / input_shape[f].stride for f in in_features),
             sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
@@ -326,6 +338,10 @@ class DynamicHead(nn.Module):
         """
         outputs = []
         boxes = proposal_boxes
+        # FastROIPooler lays the maps out once for all stages; Detectron2's ROIPooler has no prepare.
+        prepare = getattr(self.box_pooler, "prepare", None)
+        if prepare is not None:
+            features = prepare(features)
         for index, stage in enumerate(self.head_series):
             need_logits = stages_with_logits is None or index in stages_with_logits
             logits, pred_boxes, proposal_features = stage(

@@ -1,7 +1,8 @@
 """Print the COCO box AP of a finished training run from its ``metrics.json``.
 
-    python -m sparse_rcnn.report output/quick_cpu
+python -m sparse_rcnn.report output/quick_cpu
 """
+
 import json
 import os
 import sys
