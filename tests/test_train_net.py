@@ -151,6 +151,16 @@ def test_default_predictor_and_demo(trained, datasets, tmp_path):
         + ["--confidence-threshold", "0.0", "--opts", *opts]
     )
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in val_images)
+    # Images can also come from a registered dataset.
+    from_dataset = tmp_path / "vis_dataset"
+    demo_main(
+        ["--config-file", str(TINY_CONFIG), "--dataset", f"{PREFIX}_val", "--num-images", "3"]
+        + ["--output", str(from_dataset), "--opts", *opts]
+    )
+    first_three = [r["file_name"] for r in DatasetCatalog.get(f"{PREFIX}_val")[:3]]
+    assert sorted(p.name for p in from_dataset.iterdir()) == sorted(
+        p.rsplit("/", 1)[-1] for p in first_three
+    )
 
 
 def test_eval_only_per_stage_reports_every_stage(trained):

@@ -3,6 +3,9 @@
     python -m sparse_rcnn.demo --config-file configs/sparse_rcnn_quick_cpu.yaml \
         --input img1.png img2.png (or a folder) --output out_dir \
         --confidence-threshold 0.3 --opts MODEL.WEIGHTS output/quick_cpu/model_final.pth
+
+``--dataset synthetic_shapes_val --num-images 8`` takes the images of a registered dataset instead
+of ``--input``.
 """
 
 import argparse
@@ -13,11 +16,12 @@ from typing import List
 import cv2
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
+from .builtin_datasets import prepare_builtin_dataset
 from .config import add_sparse_rcnn_config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -62,7 +66,10 @@ def draw_predictions(predictor: DefaultPredictor, path: str, metadata):
 def get_parser():
     parser = argparse.ArgumentParser(description="Sparse R-CNN demo")
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--input", nargs="+", required=True, help="image files, globs or folders")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--input", nargs="+", help="image files, globs or folders")
+    inputs.add_argument("--dataset", help="a registered dataset whose first images to draw")
+    parser.add_argument("--num-images", type=int, default=8, help="images taken from --dataset")
     parser.add_argument("--output", required=True, help="folder for the drawn images")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE pairs")
@@ -75,9 +82,15 @@ def main(argv=None):
     predictor = DefaultPredictor(cfg)
     dataset = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
     metadata = MetadataCatalog.get(dataset)
-    paths = expand_inputs(args.input)
+    if args.dataset:
+        prepare_builtin_dataset(args.dataset)
+        records = DatasetCatalog.get(args.dataset)[: args.num_images]
+        paths = [r["file_name"] for r in records]
+        metadata = MetadataCatalog.get(args.dataset)
+    else:
+        paths = expand_inputs(args.input)
     if not paths:
-        raise SystemExit(f"No images found in {args.input}")
+        raise SystemExit(f"No images found in {args.input or args.dataset}")
     os.makedirs(args.output, exist_ok=True)
     for path in paths:
         instances, drawn = draw_predictions(predictor, path, metadata)

@@ -15,6 +15,7 @@ from detectron2.config import configurable
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from .head import pooled_feature_names
 from .proposals import SPARSE_RCNN_PROPOSAL_REGISTRY, initial_proposal_boxes, scale_proposal_boxes
 
 __all__ = ["DynamicProposalGenerator", "annealed_temperature"]
@@ -144,13 +145,7 @@ class DynamicProposalGenerator(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape):
         c = cfg.MODEL.SPARSE_RCNN
-        in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
-        missing = [f for f in in_features if f not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.ROI_HEADS.IN_FEATURES {missing} are not outputs of the backbone "
-                f"({sorted(input_shape)})"
-            )
+        in_features = pooled_feature_names(cfg, input_shape)
         return {
             "num_proposals": c.NUM_PROPOSALS,
             "hidden_dim": c.HIDDEN_DIM,

@@ -29,6 +29,18 @@ Each is built as ``obj(cfg, input_shape)`` where ``input_shape`` is the backbone
 _DEFAULT_SCALE_CLAMP = math.log(100000.0 / 16)
 
 
+def pooled_feature_names(cfg, input_shape: Dict[str, ShapeSpec]) -> List[str]:
+    """``MODEL.ROI_HEADS.IN_FEATURES``, checked against the backbone's outputs."""
+    in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+    missing = [f for f in in_features if f not in input_shape]
+    if missing:
+        raise ValueError(
+            f"MODEL.ROI_HEADS.IN_FEATURES {missing} are not outputs of the backbone "
+            f"({sorted(input_shape)})"
+        )
+    return in_features
+
+
 def _activation(name: str):
     if name == "relu":
         return F.relu
@@ -69,26 +81,45 @@ class DynamicConv(nn.Module):
         self.out_layer = nn.Linear(hidden_dim * pooler_resolution**2, hidden_dim)
         self.norm3 = nn.LayerNorm(hidden_dim)
 
-    def forward(self, proposal_features: torch.Tensor, roi_features: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        proposal_features: torch.Tensor,
+        roi_features: torch.Tensor,
+        workspace: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """
         Args:
             proposal_features: (R, C), one per RoI.
             roi_features: (R, S*S, C), spatial positions in row-major order.
+            workspace: optional (R, 2 * C * D) buffer for the dynamic parameters, for inference
+                without autograd only (see :meth:`DynamicHead.forward`); the result is the same.
 
         Returns:
             (R, C) object features.
         """
-        parameters = self.dynamic_layer(proposal_features)
+        if workspace is not None:
+            # What self.dynamic_layer(proposal_features) computes (F.linear of a 2-D input is
+            # this addmm), written into the reused buffer instead of a new one.
+            parameters = torch.addmm(
+                self.dynamic_layer.bias,
+                proposal_features,
+                self.dynamic_layer.weight.t(),
+                out=workspace,
+            )
+        else:
+            parameters = self.dynamic_layer(proposal_features)
         # split (not two slices): its backward concatenates the two gradients instead of
         # zero-filling a full (R, 2 * C * D) buffer per slice.
         param1, param2 = parameters.split(self.num_params, dim=1)
         param1 = param1.view(-1, self.hidden_dim, self.dim_dynamic)
         param2 = param2.view(-1, self.dim_dynamic, self.hidden_dim)
-        features = F.relu(self.norm1(torch.bmm(roi_features, param1)))
-        features = F.relu(self.norm2(torch.bmm(features, param2)))
+        # Without autograd nothing keeps the LayerNorm outputs: apply the ReLUs in place.
+        inplace = not torch.is_grad_enabled()
+        features = F.relu(self.norm1(torch.bmm(roi_features, param1)), inplace=inplace)
+        features = F.relu(self.norm2(torch.bmm(features, param2)), inplace=inplace)
         # Flatten position-major, channel-minor: the official out_layer weights expect this order.
         features = self.out_layer(features.flatten(1))
-        return F.relu(self.norm3(features))
+        return F.relu(self.norm3(features), inplace=inplace)
 
 
 class DynamicStage(nn.Module):
@@ -142,6 +173,7 @@ class DynamicStage(nn.Module):
         proposal_features: torch.Tensor,
         pooler: ROIPooler,
         compute_logits: bool = True,
+        workspace: Optional[torch.Tensor] = None,
     ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -151,6 +183,7 @@ class DynamicStage(nn.Module):
             proposal_features: (B, N, C).
             pooler: the RoI pooler shared by all stages.
             compute_logits: False skips the classification tower (inference of early stages).
+            workspace: see :meth:`DynamicConv.forward` (inference only).
 
         Returns:
             class_logits (B, N, K) or None, pred_boxes (B, N, 4), object features (B, N, C).
@@ -167,7 +200,7 @@ class DynamicStage(nn.Module):
 
         # Dynamic instance interaction with each proposal's own RoI feature (+ residual, LayerNorm).
         proposal_features = proposal_features.reshape(num_images * num_boxes, self.hidden_dim)
-        interacted = self.inst_interact(proposal_features, roi_features)
+        interacted = self.inst_interact(proposal_features, roi_features, workspace)
         obj_features = self.norm2(proposal_features + self.dropout2(interacted))
 
         # FFN (+ residual, LayerNorm).
@@ -273,13 +306,7 @@ class DynamicHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
-        missing = [f for f in in_features if f not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.ROI_HEADS.IN_FEATURES {missing} are not outputs of the backbone "
-                f"({sorted(input_shape)})"
-            )
+        in_features = pooled_feature_names(cfg, input_shape)
         channels = {input_shape[f].channels for f in in_features}
         hidden_dim = cfg.MODEL.SPARSE_RCNN.HIDDEN_DIM
         if channels != {hidden_dim}:
@@ -317,6 +344,29 @@ class DynamicHead(nn.Module):
             "bbox_reg_weights": tuple(c.BBOX_REG_WEIGHTS),
         }
 
+    def _dynamic_parameter_workspace(
+        self, proposal_features: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """One buffer for the dynamic parameters of every stage, for CPU inference.
+
+        Each stage generates (B*N, 2 * C * D) parameters (B x 39 MB at 300 proposals, C = 256,
+        D = 64). glibc serves blocks that large with fresh pages from the kernel, so allocating
+        them once per stage costs a page fault per 4 KiB every time (about 40 ms per stage for
+        one image); the stages run one after the other, so one buffer serves them all. Not with
+        autograd (training keeps every stage's parameters for the backward), autocast or CUDA.
+        """
+        if (
+            torch.is_grad_enabled()
+            or proposal_features.device.type != "cpu"
+            or torch.is_autocast_cpu_enabled()
+        ):
+            return None
+        dynamic_layer = self.head_series[0].inst_interact.dynamic_layer
+        if dynamic_layer.weight.dtype != proposal_features.dtype:
+            return None
+        rows = proposal_features.shape[0] * proposal_features.shape[1]
+        return proposal_features.new_empty((rows, dynamic_layer.out_features))
+
     def forward(
         self,
         features: List[torch.Tensor],
@@ -342,10 +392,11 @@ class DynamicHead(nn.Module):
         prepare = getattr(self.box_pooler, "prepare", None)
         if prepare is not None:
             features = prepare(features)
+        workspace = self._dynamic_parameter_workspace(proposal_features)
         for index, stage in enumerate(self.head_series):
             need_logits = stages_with_logits is None or index in stages_with_logits
             logits, pred_boxes, proposal_features = stage(
-                features, boxes, proposal_features, self.box_pooler, need_logits
+                features, boxes, proposal_features, self.box_pooler, need_logits, workspace
             )
             output = {"pred_boxes": pred_boxes}
             if logits is not None:

@@ -13,6 +13,7 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.registry import Registry
@@ -190,6 +191,31 @@ def focal_background_cost(
     return ((1 - alpha) * (prob**gamma) * (-(1 - prob + 1e-8).log())).sum(dim=-1)
 
 
+# exp() of arguments below about -87.3 gives results under 1.2e-38 (the smallest normal float32 is
+# exp(-87.34)): subnormal numbers or 0, which the CPU's vectorised exp computes about 100x slower
+# than normal ones (7 ms instead of 0.07 ms for 180k elements). Sinkhorn's log-kernel -cost / eps
+# is mostly far below it (eps = 0.1), so torch.logsumexp spent almost all of OTA's time there.
+_EXP_FLOOR = -87.3
+_NEGLIGIBLE = 1e-37
+
+
+def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.logsumexp(x, dim)``, computed as torch computes it (subtract the max where it is
+    finite, exp, sum, log, add the max back), except that exp terms below 1e-37 are replaced by 0:
+    their arguments are clamped to -87.3 first, so that exp() never produces a subnormal number.
+
+    The result is the same, bit for bit: a row with a finite max contains the term exp(0) = 1, so
+    its float32 sum is at least 1, and terms below 1e-37 (at most a few thousand of them) are
+    absorbed by any partial sum they meet that is larger than about 1e-27, hence never reach it
+    (half a float32 unit of 1 is 6e-8). Rows of -inf still give -inf; +inf and NaN propagate.
+    """
+    maxes = torch.amax(x, dim=dim, keepdim=True)
+    maxes.masked_fill_(maxes.abs() == math.inf, 0.0)
+    terms = (x - maxes).clamp_(min=_EXP_FLOOR).exp_()
+    terms = F.threshold(terms, _NEGLIGIBLE, 0.0, inplace=True)
+    return terms.sum(dim=dim).log_().add_(maxes.squeeze(dim))
+
+
 def sinkhorn(
     cost: torch.Tensor,
     supply: torch.Tensor,
@@ -228,8 +254,8 @@ def sinkhorn(
     log_v = torch.zeros_like(log_nu)
     for _ in range(num_iters):
         # u_i = mu_i / sum_j K_ij v_j and v_j = nu_j / sum_i K_ij u_i, in log space.
-        log_u = log_mu - torch.logsumexp(log_kernel + log_v.unsqueeze(-2), dim=-1)
-        log_v = log_nu - torch.logsumexp(log_kernel + log_u.unsqueeze(-1), dim=-2)
+        log_u = log_mu - _logsumexp(log_kernel + log_v.unsqueeze(-2), dim=-1)
+        log_v = log_nu - _logsumexp(log_kernel + log_u.unsqueeze(-1), dim=-2)
     return torch.exp(log_u.unsqueeze(-1) + log_kernel + log_v.unsqueeze(-2))
 
 
