@@ -219,3 +219,20 @@ def test_inference(image_file, min_size_test, expected):
     assert expected == T.ResizeShortestEdge.get_output_shape(H, W, min_size_test, 160)
     assert "instances" not in out and "annotations" not in out
     assert (out["height"], out["width"]) == (H, W)
+
+
+def test_unreadable_image_is_skipped_in_training_not_fatal(image_file, tmp_path):
+    from detectron2.data.common import MapDataset
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good = _dataset_dict(image_file, [_anno([10, 10, 40, 40], 0)])
+    bad = {**good, "file_name": str(broken)}
+    mapper = SparseRCNNDatasetMapper(_crop_cfg(False), is_train=True)
+    assert mapper(dict(bad)) is None
+    # Detectron2's MapDataset (used by the train loader) then draws another sample.
+    dataset = MapDataset([bad, good], mapper)
+    assert dataset[0]["instances"].gt_boxes.tensor.shape == (1, 4)
+    # At inference a bad file is an error the caller must see.
+    with pytest.raises(OSError):
+        SparseRCNNDatasetMapper(_crop_cfg(False), is_train=False)(dict(bad))

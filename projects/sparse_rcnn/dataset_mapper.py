@@ -154,8 +154,16 @@ class SparseRCNNDatasetMapper(DatasetMapper):
                 "width", "annotations" with "bbox", "bbox_mode", "category_id").
 
         Returns:
-            The model's input dict ("image", "height", "width", and "instances" in training).
+            The model's input dict ("image", "height", "width", and "instances" in training), or,
+            in training, None for an image that cannot be read or transformed: Detectron2's
+            ``MapDataset`` then draws another sample, so one bad file does not end a run.
         """
-        if self.is_train and "annotations" not in dataset_dict:
+        if not self.is_train:
+            return super().__call__(dataset_dict)
+        if "annotations" not in dataset_dict:
             dataset_dict = {**dataset_dict, "annotations": []}
-        return super().__call__(dataset_dict)
+        try:
+            return super().__call__(dataset_dict)
+        except (OSError, ValueError) as e:  # unreadable file, wrong recorded size, ...
+            logger.warning(f"Skipping training sample {dataset_dict.get('file_name')}: {e}")
+            return None
