@@ -30,7 +30,7 @@ DEMO_OUT := output/quick_cpu
 demo: $(STAMP)
 	$(PY) train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUT)
 	$(PY) -m sparse_rcnn.demo --config-file $(DEMO_CONFIG) --output $(DEMO_OUT)/vis \
-		--dataset synthetic_shapes_val --num-images 8 --confidence-threshold 0.3 \
+		--dataset synthetic_shapes_val --num-images 8 --confidence-threshold 0.1 --max-detections 5 \
 		--opts MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth
 	$(PY) -m sparse_rcnn.report $(DEMO_OUT)
 

@@ -14,6 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, default_argument_parser
 
 from sparse_rcnn import register_synthetic_shapes
+from sparse_rcnn.demo import draw_predictions
 from sparse_rcnn.demo import main as demo_main
 from sparse_rcnn.demo import setup_cfg
 
@@ -144,6 +145,12 @@ def test_default_predictor_and_demo(trained, datasets, tmp_path):
     boxes = instances.pred_boxes.tensor
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 80).all()
 
+    path = str(sorted((datasets / "synthetic_shapes").glob("val_*/*.png"))[0])
+    everything, _ = draw_predictions(predictor, path, MetadataCatalog.get(f"{PREFIX}_val"))
+    top_two, drawn = draw_predictions(predictor, path, MetadataCatalog.get(f"{PREFIX}_val"), 2)
+    assert len(everything) > 2 and drawn.shape == (96, 96, 3)
+    assert top_two.scores.tolist() == everything.scores.sort(descending=True).values[:2].tolist()
+
     val_images = sorted((datasets / "synthetic_shapes").glob(f"val_*/*.png"))[:2]
     out = tmp_path / "vis"
     demo_main(
@@ -155,7 +162,8 @@ def test_default_predictor_and_demo(trained, datasets, tmp_path):
     from_dataset = tmp_path / "vis_dataset"
     demo_main(
         ["--config-file", str(TINY_CONFIG), "--dataset", f"{PREFIX}_val", "--num-images", "3"]
-        + ["--output", str(from_dataset), "--opts", *opts]
+        + ["--output", str(from_dataset), "--confidence-threshold", "0.0"]
+        + ["--max-detections", "2", "--opts", *opts]
     )
     first_three = [r["file_name"] for r in DatasetCatalog.get(f"{PREFIX}_val")[:3]]
     assert sorted(p.name for p in from_dataset.iterdir()) == sorted(

@@ -11,7 +11,7 @@ of ``--input``.
 import argparse
 import glob
 import os
-from typing import List
+from typing import List, Optional
 
 import cv2
 import torch
@@ -54,10 +54,17 @@ def expand_inputs(inputs: List[str]) -> List[str]:
     return paths
 
 
-def draw_predictions(predictor: DefaultPredictor, path: str, metadata):
-    """Run the predictor on one image file; return (instances, BGR image with boxes drawn)."""
+def draw_predictions(
+    predictor: DefaultPredictor, path: str, metadata, max_detections: Optional[int] = None
+):
+    """Run the predictor on one image file; return (instances, BGR image with boxes drawn).
+
+    Only the ``max_detections`` highest-scoring detections are kept, if given.
+    """
     image_bgr = read_image(path, format="BGR")
     instances = predictor(image_bgr)["instances"].to("cpu")
+    if max_detections is not None:
+        instances = instances[instances.scores.argsort(descending=True)[:max_detections]]
     visualizer = Visualizer(image_bgr[:, :, ::-1], metadata)
     drawn = visualizer.draw_instance_predictions(instances).get_image()[:, :, ::-1]
     return instances, drawn
@@ -72,6 +79,7 @@ def get_parser():
     parser.add_argument("--num-images", type=int, default=8, help="images taken from --dataset")
     parser.add_argument("--output", required=True, help="folder for the drawn images")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--max-detections", type=int, default=None, help="draw at most this many")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE pairs")
     return parser
 
@@ -93,7 +101,7 @@ def main(argv=None):
         raise SystemExit(f"No images found in {args.input or args.dataset}")
     os.makedirs(args.output, exist_ok=True)
     for path in paths:
-        instances, drawn = draw_predictions(predictor, path, metadata)
+        instances, drawn = draw_predictions(predictor, path, metadata, args.max_detections)
         out_path = os.path.join(args.output, os.path.basename(path))
         cv2.imwrite(out_path, drawn)
         print(f"{path}: {len(instances)} detections -> {out_path}")
