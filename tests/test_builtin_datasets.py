@@ -145,7 +145,8 @@ def test_object_sizes_vary():
         _, annos = bd.generate_sample(np.random.default_rng([1, index]), 128, noise=False)
         sides += [max(a["bbox"][2], a["bbox"][3]) / 128 for a in annos]
     sides = np.array(sides)
-    assert sides.min() < 0.12 and sides.max() > 0.45
+    # Long sides are drawn from 15%-60% of the image; truncation at the border makes some smaller.
+    assert sides.min() < 0.2 and sides.max() > 0.45
     assert 0.05 <= np.median(sides) <= 0.4
 
 

@@ -4,6 +4,10 @@ DDP averages gradients over processes and the criterion averages the GT count ov
 two processes that each see half of a batch must produce the same gradients, hence the same
 updated weights, as one process that sees the whole batch; the one-process loss is the mean of the
 two processes' losses.
+
+The model runs in float64: the tiny model's random weights amplify float32 rounding (which
+depends on the batch size and thread count) into different Hungarian matches, which would hide
+what this test checks behind noise.
 """
 
 import copy
@@ -40,6 +44,7 @@ def make_batch():
 def train(model, batches):
     """NUM_ITERS steps of the trainer's optimizer; returns per-step total losses and the weights."""
     cfg = make_cfg(opts=["SOLVER.BASE_LR", BASE_LR])
+    model = model.double()
     optimizer = build_optimizer(cfg, model)
     model = defaults.create_ddp_model(model, broadcast_buffers=False)
     model.train()
@@ -66,6 +71,7 @@ def _worker(result_path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
+    torch.set_num_threads(1)
     path = str(tmp_path_factory.mktemp("ddp") / "result")
     launch(_worker, 2, dist_url="auto", args=(path,))
     two = [torch.load(f"{path}.{rank}") for rank in range(2)]
@@ -80,7 +86,8 @@ def test_two_gloo_processes_match_one_process_losses(results):
     two, one_losses, _ = results
     for step in range(NUM_ITERS):
         mean_of_ranks = (two[0]["losses"][step] + two[1]["losses"][step]) / 2
-        assert mean_of_ranks == pytest.approx(one_losses[step], rel=1e-4)
+        # The criterion computes in float32 (for AMP safety), so the losses agree to float32.
+        assert mean_of_ranks == pytest.approx(one_losses[step], rel=1e-6)
 
 
 def test_two_gloo_processes_match_one_process_weights(results):
@@ -88,8 +95,9 @@ def test_two_gloo_processes_match_one_process_weights(results):
     for rank in range(2):
         for name, value in one_state.items():
             other = two[rank]["state"][name]
-            # Adam turns float noise on near-zero gradients into steps of up to +-lr per step.
+            # Adam can turn rounding noise on zero gradients (attention key biases) into steps of
+            # up to +-lr per step; all else agrees to float64 rounding (measured: 7e-12).
             assert (other - value).abs().max() <= NUM_ITERS * BASE_LR + 1e-6, name
     trained = [k for k in one_state if "head" in k or "proposal" in k]
     diffs = torch.cat([(two[0]["state"][k] - one_state[k]).flatten().abs() for k in trained])
-    assert (diffs <= 1e-6).float().mean() >= 0.98
+    assert (diffs <= 1e-9).float().mean() >= 0.99
