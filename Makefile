@@ -34,5 +34,9 @@ demo: $(STAMP)
 		--opts MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth
 	$(PY) -m sparse_rcnn.report $(DEMO_OUT)
 
+# Quick CPU versions of every benchmark (a few minutes); JSON records go to output/bench/.
+bench: $(STAMP)
+	bash benchmarks/run_all.sh $(PY)
+
 clean:
 	rm -rf $(VENV) output
