@@ -28,7 +28,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from detectron2.structures import Boxes, Instances
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "projects"))
 
+from common import cpu_name  # noqa: E402  (benchmarks/common.py)
 from sparse_rcnn.poolers import FastROIPooler  # noqa: E402
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
@@ -62,23 +62,12 @@ STEP_OPTS = [
 ]  # fmt: skip
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _environment(threads: int) -> Dict:
     return {
         "threads": threads,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "loadavg": [round(v, 2) for v in os.getloadavg()],
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
