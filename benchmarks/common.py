@@ -256,18 +256,17 @@ def time_interleaved(
 ) -> Dict[str, List[float]]:
     """Seconds of every callable, run round robin ``warmup + repeats`` times.
 
-    With a ``memory`` dict, the last warm-up run of every callable (or, if ``warmup`` is 0, one
-    extra untimed run) also records its peak memory there (:func:`measure_memory`).
+    With a ``memory`` dict, every callable first runs once more, untimed, to record its peak
+    memory there (:func:`measure_memory`). That run starts from a trimmed heap (``malloc_trim``),
+    so on a CPU it pays page faults that steady-state runs do not: the ``warmup`` runs that follow
+    it are what bring the timed runs back to steady state.
     """
-    if memory is not None and warmup == 0:
+    if memory is not None:
         for name, fn in fns.items():
             memory[name] = measure_memory(fn, device)
-    for index in range(warmup):
-        for name, fn in fns.items():
-            if memory is not None and index == warmup - 1:
-                memory[name] = measure_memory(fn, device)
-            else:
-                fn()
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     times = {name: [] for name in fns}
     for index in range(repeats):
         for name, fn in fns.items():

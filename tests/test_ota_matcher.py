@@ -21,6 +21,7 @@ from sparse_rcnn.matcher import (
     sinkhorn,
     unit_increase_offset,
 )
+from sparse_rcnn.matcher import _sinkhorn_log, _sinkhorn_scaling
 
 
 def random_inputs(num_images, num_preds, num_gts, num_classes=3, seed=0, clustered=False):
@@ -104,6 +105,36 @@ def test_sinkhorn_column_constant_does_not_change_the_plan():
     torch.testing.assert_close(
         sinkhorn(cost, supply, num_iters=100), sinkhorn(cost + shift, supply, num_iters=100)
     )
+
+
+@pytest.mark.parametrize("eps, cost_scale", [(0.1, 1.0), (0.1, 30.0), (0.05, 10.0), (1.0, 5.0)])
+def test_sinkhorn_scaling_and_log_forms_agree(eps, cost_scale):
+    # Batched images with zero-supply padding rows, OTA-like supplies (GT units + background).
+    g = torch.Generator().manual_seed(3)
+    cost = torch.rand(3, 5, 40, generator=g) * cost_scale
+    supply = torch.tensor(
+        [[3.0, 2.0, 1.0, 4.0, 30.0], [5.0, 0.0, 0.0, 0.0, 35.0], [1.0, 1.0, 2.0, 0.0, 36.0]]
+    )
+    fast = _sinkhorn_scaling(cost, supply, None, eps, 50)
+    assert fast is not None, "the OTA default range must take the scaling form"
+    assert fast.dtype == torch.float32
+    reference = _sinkhorn_log(cost.double(), supply.double(), None, eps, 50)
+    torch.testing.assert_close(fast, reference.float(), atol=1e-5, rtol=1e-4)
+    assert torch.all(fast[supply == 0] == 0)
+    torch.testing.assert_close(sinkhorn(cost, supply, eps=eps), fast)
+
+
+def test_sinkhorn_falls_back_to_the_log_form_outside_float64_range():
+    # Costs spanning 1e4 / 1e-3 = 1e7 in the exponent: the kernel is not representable.
+    g = torch.Generator().manual_seed(4)
+    cost = torch.rand(3, 6, generator=g) * 1e4
+    supply = torch.tensor([2.0, 1.0, 3.0])
+    assert _sinkhorn_scaling(cost, supply, None, 1e-3, 20) is None
+    torch.testing.assert_close(
+        sinkhorn(cost, supply, eps=1e-3, num_iters=20), _sinkhorn_log(cost, supply, None, 1e-3, 20)
+    )
+    # Non-finite costs also take the log form (which propagates them as it always did).
+    assert _sinkhorn_scaling(torch.full((2, 3), float("inf")), supply[:2], None, 0.1, 5) is None
 
 
 def brute_force_assignment(cost):

