@@ -11,13 +11,11 @@ AdamW with a backbone LR multiplier and full-model gradient clipping, and COCOEv
 """
 
 import logging
-import os
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.utils import comm
 
 from sparse_rcnn import add_sparse_rcnn_config
 from sparse_rcnn.engine import (

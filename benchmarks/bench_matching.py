@@ -11,8 +11,8 @@ Measurements (one JSON object per line on stdout, also appended to --out):
    matcher) and the loss backward to the stage outputs. The predicted boxes are jittered copies
    of the GT boxes (cycled), the logits random, so OTA's dynamic k is realistic (several IoUs
    above 0.5 per GT).
-2. ``match_step``: a whole training step of a small model (configs/sparse_rcnn_quick_cpu.yaml,
-   2 images of 128 px, its training size) with ``NUM_PROPOSALS`` N and M GT boxes per image,
+2. ``match_step``: a whole training step of a small model (configs/sparse_rcnn_quick_cpu.yaml
+   with the paper's 6 stages, ``common.SMALL_MODEL_OPTS``, 2 images of 128 px, its training size) with ``NUM_PROPOSALS`` N and M GT boxes per image,
    both matchers run round robin, split as in bench_train.py (backbone, head, matching, loss,
    backward, optimizer); N in {100, 300, 500} at M = 20 and M in {1, 10, 20, 100, 300} at
    N = 300. Peak memory of a step (RSS) per point.
@@ -39,7 +39,7 @@ from common import PartTimer, Recorder
 
 MATCHERS = ("HungarianMatcher", "OTAMatcher")
 CRITERION_CONFIG = "sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml"
-STEP_CONFIG = "sparse_rcnn_quick_cpu.yaml"
+STEP_CONFIG = common.SMALL_MODEL_CONFIG
 STEP_IMAGES = 2  # 128 px images (the quick CPU config trains on 4; 2 keeps 500 proposals quick)
 TARGET_POINT = (300, 20)  # proposals, GT per image
 TARGET_MATCH_LOSS_SHARE = 0.05
@@ -150,7 +150,7 @@ def bench_steps(rec, device, points, warmup, repeats) -> None:
     for num_proposals, num_gt in points:
         steps, configs = {}, {}
         for matcher in MATCHERS:
-            opts = [
+            opts = common.SMALL_MODEL_OPTS + [
                 "MODEL.SPARSE_RCNN.NUM_PROPOSALS", num_proposals,
                 "MODEL.SPARSE_RCNN.MATCHER_NAME", matcher,
             ]  # fmt: skip

@@ -24,29 +24,26 @@ Usage:
 """
 
 import argparse
-import datetime
-import json
 import math
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict
 
 import torch
-import torchvision
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, Instances
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "projects"))
 
-from common import cpu_name  # noqa: E402  (benchmarks/common.py)
+import common  # noqa: E402  (benchmarks/common.py)
+from common import Recorder, time_interleaved  # noqa: E402
 from sparse_rcnn.poolers import FastROIPooler  # noqa: E402
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 RESOLUTION, SAMPLING_RATIO, POOLER_TYPE = 7, 2, "ROIAlignV2"
+CPU = torch.device("cpu")
 
 STEP_OPTS = [
     "MODEL.RESNETS.DEPTH", 18,
@@ -62,59 +59,17 @@ STEP_OPTS = [
 ]  # fmt: skip
 
 
-def _environment(threads: int) -> Dict:
-    return {
-        "threads": threads,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "loadavg": [round(v, 2) for v in os.getloadavg()],
-        "time": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
-
-
-class Recorder:
-    def __init__(self, out_path: Path):
-        self.out_path = out_path
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def emit(self, record: Dict) -> None:
-        line = json.dumps(record)
-        print(line, flush=True)
-        with open(self.out_path, "a") as f:
-            f.write(line + "\n")
-
-
-def time_interleaved(
-    fns: Dict[str, Callable[[], None]], warmup: int, repeats: int
-) -> Dict[str, List[float]]:
-    """Milliseconds of every callable, run round robin ``warmup + repeats`` times."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def report(rec: Recorder, benchmark: str, config: Dict, env: Dict, times, warmup: int) -> None:
+def report(rec: Recorder, benchmark: str, config: Dict, times, warmup: int) -> None:
+    """One record per implementation (seconds in ``times``), and speed-ups over "stock"."""
     for impl, values in times.items():
         rec.emit(
             {
                 "benchmark": benchmark,
                 "impl": impl,
                 "config": config,
-                **env,
                 "warmup": warmup,
                 "repeats": len(values),
-                "min_ms": round(min(values), 3),
-                "median_ms": round(statistics.median(values), 3),
-                "max_ms": round(max(values), 3),
+                **common.stats_ms(values),
             }
         )
     if "stock" in times:
@@ -127,7 +82,6 @@ def report(rec: Recorder, benchmark: str, config: Dict, env: Dict, times, warmup
                         "impl": impl,
                         "baseline": "stock",
                         "config": config,
-                        **env,
                         "speedup_median": round(base / statistics.median(values), 3),
                         "speedup_min": round(min(times["stock"]) / min(values), 3),
                     }
@@ -158,7 +112,7 @@ def head_layout_grad(num_rois: int, channels: int, gen: torch.Generator) -> torc
     return grad.transpose(1, 2).view(num_rois, channels, RESOLUTION, RESOLUTION)
 
 
-def bench_single_call(rec, env, name, images, height, width, channels, boxes, warmup, repeats):
+def bench_single_call(rec, name, images, height, width, channels, boxes, warmup, repeats):
     feats, box_lists, gen = make_pooler_inputs(images, height, width, channels, boxes)
     feats = [f.requires_grad_() for f in feats]
     grad = head_layout_grad(images * boxes, channels, gen)
@@ -190,13 +144,13 @@ def bench_single_call(rec, env, name, images, height, width, channels, boxes, wa
         "feature_hw": [list(f.shape[2:]) for f in feats],
         "pooler": [POOLER_TYPE, RESOLUTION, SAMPLING_RATIO],
     }
-    times = time_interleaved({k: fwd_bwd(p) for k, p in poolers.items()}, warmup, repeats)
-    report(rec, "pooler_fwd_bwd", config, env, times, warmup)
-    times = time_interleaved({k: fwd(p) for k, p in poolers.items()}, warmup, repeats)
-    report(rec, "pooler_fwd", config, env, times, warmup)
+    times = time_interleaved({k: fwd_bwd(p) for k, p in poolers.items()}, warmup, repeats, CPU)
+    report(rec, "pooler_fwd_bwd", config, times, warmup)
+    times = time_interleaved({k: fwd(p) for k, p in poolers.items()}, warmup, repeats, CPU)
+    report(rec, "pooler_fwd", config, times, warmup)
 
 
-def bench_six_stages(rec, env, name, images, height, width, channels, boxes, train, warmup, reps):
+def bench_six_stages(rec, name, images, height, width, channels, boxes, train, warmup, reps):
     """Six pooler calls on the same features (the head's stages) + one backward if ``train``."""
     feats, _, gen = make_pooler_inputs(images, height, width, channels, boxes)
     feats = [f.requires_grad_(train) for f in feats]
@@ -229,7 +183,7 @@ def bench_six_stages(rec, env, name, images, height, width, channels, boxes, tra
         "pooler": [POOLER_TYPE, RESOLUTION, SAMPLING_RATIO],
     }
     benchmark = "pooler_6_stages" + ("" if train else "_fwd")
-    report(rec, benchmark, config, env, time_interleaved(fns, warmup, reps), warmup)
+    report(rec, benchmark, config, time_interleaved(fns, warmup, reps, CPU), warmup)
 
 
 def build_step_model():
@@ -263,7 +217,7 @@ def step_inputs(images: int = 8, size: int = 128, gt_per_image: int = 3, num_cla
     return inputs
 
 
-def bench_train_step(rec, env, warmup, repeats):
+def bench_train_step(rec, warmup, repeats):
     model = build_step_model()
     head = model.head
     stock = head.box_pooler
@@ -303,7 +257,7 @@ def bench_train_step(rec, env, warmup, repeats):
         "gt_per_image": 3,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    report(rec, "train_step", config, env, time_interleaved(fns, warmup, repeats), warmup)
+    report(rec, "train_step", config, time_interleaved(fns, warmup, repeats, CPU), warmup)
 
 
 def main():
@@ -316,18 +270,17 @@ def main():
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    env = _environment(args.threads)
-    rec = Recorder(Path(args.out))
+    rec = Recorder(args.out, common.environment(args.threads, CPU), {"quick": args.quick})
     small_reps, big_reps, step_reps = (3, 2, 2) if args.quick else (10, 3, 5)
 
-    bench_single_call(rec, env, "small", 8, 128, 128, 128, 50, 2, small_reps)
-    bench_six_stages(rec, env, "small", 8, 128, 128, 128, 50, True, 1, small_reps // 2 + 1)
+    bench_single_call(rec, "small", 8, 128, 128, 128, 50, 2, small_reps)
+    bench_six_stages(rec, "small", 8, 128, 128, 128, 50, True, 1, small_reps // 2 + 1)
     if not args.skip_big:
         for boxes in (100, 300):
-            bench_single_call(rec, env, "800x1333", 2, 800, 1344, 256, boxes, 1, big_reps)
-        bench_six_stages(rec, env, "800x1333", 2, 800, 1344, 256, 100, False, 1, big_reps)
+            bench_single_call(rec, "800x1333", 2, 800, 1344, 256, boxes, 1, big_reps)
+        bench_six_stages(rec, "800x1333", 2, 800, 1344, 256, 100, False, 1, big_reps)
     if not args.skip_step:
-        bench_train_step(rec, env, 1, step_reps)
+        bench_train_step(rec, 1, step_reps)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ Measurements (one JSON object per line on stdout, also appended to --out):
    * ``r50_100pro`` / ``r50_300pro``: configs/sparse_rcnn_R_50_FPN_{100pro_3x,300pro_crop_3x}.yaml
      with random weights, 2 images of 512x640 (reduced from 800x1333 for a CPU; ``--r50-size``),
      20 GT boxes per image, 80 classes.
-   * ``quick_cpu_fast`` / ``quick_cpu_detectron2``: configs/sparse_rcnn_quick_cpu.yaml (a batch as
+   * ``quick_cpu_fast`` / ``quick_cpu_detectron2``: configs/sparse_rcnn_quick_cpu.yaml with the
+     paper's 6 stages (``common.SMALL_MODEL_OPTS``; the config trains 3) (a batch as
      in its training: SOLVER.IMS_PER_BATCH = 4 images of 128 px, 3 GT boxes each) with
      ``MODEL.SPARSE_RCNN.POOLER_IMPL fast`` (default) and ``detectron2`` (Detectron2's stock
      ROIPooler), run round robin.
@@ -50,7 +51,7 @@ R50_CONFIGS = {
     "r50_100pro": "sparse_rcnn_R_50_FPN_100pro_3x.yaml",
     "r50_300pro": "sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml",
 }
-QUICK_CONFIG = "sparse_rcnn_quick_cpu.yaml"
+QUICK_CONFIG = common.SMALL_MODEL_CONFIG
 PARTS = ("backbone", "head", "matching", "loss", "backward", "optimizer", "other")
 TARGET_SPEEDUP = 1.5  # CPU training at least 1.5x faster than with Detectron2's ROIPooler
 
@@ -231,7 +232,7 @@ def bench_r50(rec, device, args, warmup, repeats) -> None:
 def bench_quick_cpu(rec, device, args, warmup, repeats) -> None:
     steps, configs = {}, {}
     for impl in ("fast", "detectron2"):
-        opts = ["MODEL.SPARSE_RCNN.POOLER_IMPL", impl]
+        opts = common.SMALL_MODEL_OPTS + ["MODEL.SPARSE_RCNN.POOLER_IMPL", impl]
         cfg = common.make_cfg(QUICK_CONFIG, opts, device)
         steps[f"quick_cpu_{impl}"] = InstrumentedStep(cfg, device, amp=args.amp)
         configs[f"quick_cpu_{impl}"] = common.config_text(QUICK_CONFIG, opts)

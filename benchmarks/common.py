@@ -28,6 +28,11 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 CONFIG_DIR = REPO_ROOT / "configs"
+# The small model of the training-step benchmarks: the quick CPU config (ResNet-18 FPN, 128-d head,
+# 50 proposals, 128-px images) with the paper's 6 iterative stages (the config itself trains 3 to
+# fit its 10-minute budget); the targets of the benchmark issue refer to this 6-stage model.
+SMALL_MODEL_CONFIG = "sparse_rcnn_quick_cpu.yaml"
+SMALL_MODEL_OPTS = ["MODEL.SPARSE_RCNN.NUM_STAGES", 6]
 sys.path.insert(0, str(REPO_ROOT / "projects"))
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY_CONFIG
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, default_argument_parser
 
@@ -151,7 +150,7 @@ def test_default_predictor_and_demo(trained, datasets, tmp_path):
     assert len(everything) > 2 and drawn.shape == (96, 96, 3)
     assert top_two.scores.tolist() == everything.scores.sort(descending=True).values[:2].tolist()
 
-    val_images = sorted((datasets / "synthetic_shapes").glob(f"val_*/*.png"))[:2]
+    val_images = sorted((datasets / "synthetic_shapes").glob("val_*/*.png"))[:2]
     out = tmp_path / "vis"
     demo_main(
         ["--config-file", str(TINY_CONFIG), "--input", *map(str, val_images), "--output", str(out)]

@@ -14,7 +14,6 @@ from typing import List, Optional, Sequence
 
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
