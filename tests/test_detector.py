@@ -71,6 +71,36 @@ def test_training_losses_and_gradients():
         assert stage.class_logits.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("matcher", ["HungarianMatcher", "OTAMatcher"])
+def test_autocast_keeps_matching_and_losses_in_fp32(matcher):
+    # SOLVER.AMP.ENABLED runs the model under autocast (fp16 on CUDA; on CPU autocast is bf16).
+    model = build_tiny_model(("MODEL.SPARSE_RCNN.MATCHER_NAME", matcher)).train()
+    inputs = [make_input(64, 96, 3, seed=0), make_input(80, 64, 2, seed=1)]
+    criterion_forward = model.criterion.forward
+    captured = {}
+
+    def recording_forward(stage_outputs, targets):
+        captured["outputs"] = [{k: v.detach() for k, v in o.items()} for o in stage_outputs]
+        captured["targets"] = targets
+        return criterion_forward(stage_outputs, targets)
+
+    model.criterion.forward = recording_forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(inputs)
+    # Autocast reached the head (its logits are bf16), not the losses.
+    assert captured["outputs"][-1]["pred_logits"].dtype == torch.bfloat16
+    assert all(value.dtype == torch.float32 for value in losses.values())
+    # The same matching and losses as in fp32 from the same (bf16) stage outputs.
+    reference = criterion_forward(captured["outputs"], captured["targets"])
+    assert reference.keys() == losses.keys()
+    for name, value in losses.items():
+        assert torch.equal(value.detach(), reference[name]), name
+    sum(losses.values()).backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+
+
 def test_image_without_annotations_in_batch():
     model = build_tiny_model().train()
     losses = model([make_input(64, 96, 3, seed=0), make_input(64, 64, 0, seed=1)])

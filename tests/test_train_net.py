@@ -216,3 +216,15 @@ def test_dynamic_sparse_rcnn_trains_and_its_checkpoint_evaluates(datasets, tmp_p
     assert 0.0 <= results["bbox"]["AP"] <= 100.0
     checkpoint = torch.load(output_dir / "model_final.pth", map_location="cpu")
     assert any(k.startswith("proposal_generator.") and "expert" in k for k in checkpoint["model"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a CUDA device")
+def test_amp_without_cuda_is_a_clear_config_error(tmp_path):
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(TINY_CONFIG), "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(tmp_path)]
+    )
+    with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED needs a CUDA device"):
+        train_net.setup(args)
+    # Evaluation does not use AMPTrainer: --eval-only with the same config is fine.
+    args.eval_only = True
+    assert train_net.setup(args).SOLVER.AMP.ENABLED

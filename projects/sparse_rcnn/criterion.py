@@ -4,6 +4,7 @@ Criteria are registered in ``SPARSE_RCNN_CRITERION_REGISTRY`` and chosen by
 ``cfg.MODEL.SPARSE_RCNN.CRITERION_NAME``.
 """
 
+import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -193,6 +194,12 @@ class SetCriterion(nn.Module):
             ``one_to_one_matcher`` also ``loss_{cls,l1,giou}_stage{t}_o2o``.
         """
         device = stage_outputs[-1]["pred_boxes"].device
+        # Under AMP (SOLVER.AMP.ENABLED) the head's outputs may be fp16/bf16: matching and losses
+        # run in fp32 outside the autocast region (stage_losses and the matchers cast to float).
+        with _autocast_disabled(device):
+            return self._losses(stage_outputs, targets, device)
+
+    def _losses(self, stage_outputs, targets, device) -> Dict[str, torch.Tensor]:
         normalizer = self.average_over_processes(sum(len(t["labels"]) for t in targets), device)
         num_stages = len(stage_outputs)
         stages = range(num_stages) if self.deep_supervision else [num_stages - 1]
@@ -219,6 +226,13 @@ class SetCriterion(nn.Module):
                 )
                 losses.update({names[term] + "_o2o": value for term, value in terms.items()})
         return losses
+
+
+def _autocast_disabled(device: torch.device):
+    """A context that leaves any autocast region on ``device`` (no-op where autocast is n/a)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def build_criterion(cfg) -> nn.Module:
