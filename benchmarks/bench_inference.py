@@ -17,8 +17,8 @@ Measurements (one JSON object per line on stdout, also appended to --out):
 
 The backbone and both models run round robin in every repeat (the two models have the same
 backbone architecture and seed, hence the same backbone weights); min/median/max are over the
-repeats after warm-up (on a CPU: 1 warm-up, then 3 repeats at batch 1 and 2 at batch 4, about
-2 minutes in all; --repeats sets them).
+repeats after warm-up (on a CPU: a memory-measurement run and 1 warm-up, then 5 repeats at batch 1
+(3 with --quick) and 2 at batch 4, about 3 minutes in all; --repeats sets them).
 
 Usage:
     python benchmarks/bench_inference.py [--quick] [--threads 2] [--device auto|cpu|cuda]
@@ -54,7 +54,7 @@ def main():
     on_gpu = device.type == "cuda"
     batch_sizes = args.batch_sizes or ([1] if args.quick else [1, 4])
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
-    default_repeats = (5 if args.quick else 20) if on_gpu else 3
+    default_repeats = (5 if args.quick else 20) if on_gpu else (3 if args.quick else 5)
     rec = Recorder(args.out, common.environment(args.threads, device), {"quick": args.quick})
     common.warn_if_busy()
 
