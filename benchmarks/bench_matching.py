@@ -161,7 +161,6 @@ def bench_steps(rec, device, points, warmup, repeats) -> None:
         rec.begin()
         memory = run_round_robin(steps, batch, warmup, repeats)
         for matcher, step in steps.items():
-            summary = step.summary()
             rec.emit(
                 {
                     "benchmark": "match_step",
@@ -171,14 +170,8 @@ def bench_steps(rec, device, points, warmup, repeats) -> None:
                     "gt_per_image": num_gt,
                     "images": STEP_IMAGES,
                     "image_hw": [128, 128],
-                    "parameters": step.parameters,
                     "warmup": warmup,
-                    "repeats": len(step.steps),
-                    **summary["step"],
-                    "parts_ms": summary["parts"],
-                    "share_of_step": summary["share_of_step"],
-                    "match_loss_median_ms": summary["match_loss_median_ms"],
-                    "match_loss_share": summary["match_loss_share"],
+                    **step.record_fields(),
                     **memory[matcher],
                 }
             )

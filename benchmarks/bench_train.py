@@ -147,6 +147,19 @@ class InstrumentedStep:
         out["match_loss_share"] = round(match_loss / step_median, 4)
         return out
 
+    def record_fields(self) -> Dict:
+        """The fields of a step record: parameters, repeats, step and part times, shares."""
+        summary = self.summary()
+        return {
+            "parameters": self.parameters,
+            "repeats": len(self.steps),
+            **summary["step"],
+            "parts_ms": summary["parts"],
+            "share_of_step": summary["share_of_step"],
+            "match_loss_median_ms": summary["match_loss_median_ms"],
+            "match_loss_share": summary["match_loss_share"],
+        }
+
     def reset_stats(self) -> None:
         self.parts = {p: [] for p in PARTS}
         self.steps = []
@@ -180,7 +193,6 @@ def emit_step(
     benchmark: str = "train_step",
 ) -> Dict:
     h, w = batch[0]["image"].shape[-2:]
-    summary = step.summary()
     return rec.emit(
         {
             "benchmark": benchmark,
@@ -190,15 +202,9 @@ def emit_step(
             "image_hw": [int(h), int(w)],
             "gt_per_image": [len(x["instances"]) for x in batch],
             "amp": str(step.amp_dtype).replace("torch.", "") if step.amp_dtype else None,
-            "parameters": step.parameters,
             **extra,
             "warmup": warmup,
-            "repeats": len(step.steps),
-            **summary["step"],
-            "parts_ms": summary["parts"],
-            "share_of_step": summary["share_of_step"],
-            "match_loss_median_ms": summary["match_loss_median_ms"],
-            "match_loss_share": summary["match_loss_share"],
+            **step.record_fields(),
             **memory,
         }
     )
