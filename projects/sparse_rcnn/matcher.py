@@ -231,8 +231,9 @@ def sinkhorn(
     the number of iterations. Supplies and demands must have equal totals.
 
     Two equivalent ways compute it: the scaling form (u = mu / K v, v = nu / K^T u with the kernel
-    K = exp(-C / eps), in float64: two small matrix products per iteration, about 10x faster on
-    a CPU than the log form's element-wise exp and log) whenever its kernel and scalings are
+    K = exp(-C / eps), in float64: two small matrix products per iteration; 2.2x faster on a
+    2-core CPU than the log form's element-wise exp and log for 2 x 21 x 300, 50 iterations:
+    2.0 ms vs 4.4 ms) whenever its kernel and scalings are
     representable, and otherwise (very small ``eps`` or extreme costs) the log form, whose
     logsumexp updates cannot overflow. Both start from u = v = 1 and do the same updates, so
     they give the same plan up to rounding.
