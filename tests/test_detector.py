@@ -171,6 +171,46 @@ def test_inference_rescales_to_requested_size(model):
     torch.testing.assert_close(boxes, native.pred_boxes.tensor * factor, rtol=1e-5, atol=1e-3)
 
 
+def test_inference_without_postprocess_is_in_input_resolution(model):
+    # do_postprocess=False (TTA, export): the detections before detector_postprocess, in the
+    # network's input resolution; post-processing them by hand gives forward()'s output.
+    from detectron2.modeling import detector_postprocess
+
+    inputs = [dict(make_input(64, 96, seed=0), height=128, width=192)]
+    with torch.no_grad():
+        raw = model.inference(inputs, do_postprocess=False)
+        final = infer(model, inputs)
+    assert isinstance(raw[0], Instances) and raw[0].image_size == (64, 96)
+    assert len(raw[0]) == NUM_PROPOSALS  # top-k, nothing clipped or filtered yet
+    raw_boxes = raw[0].pred_boxes.tensor.clone()
+    # (detector_postprocess scales the boxes of its input in place: give it a copy.)
+    copy = Instances(raw[0].image_size, **{k: v.clone() for k, v in raw[0].get_fields().items()})
+    expected = detector_postprocess(copy, 128, 192)
+    assert final[0].image_size == (128, 192)
+    torch.testing.assert_close(final[0].pred_boxes.tensor, expected.pred_boxes.tensor)
+    torch.testing.assert_close(final[0].scores, expected.scores)
+    # Doubling the output size doubles the boxes (before clipping).
+    doubled = raw_boxes * 2
+    doubled[:, 0::2] = doubled[:, 0::2].clamp(0, 192)
+    doubled[:, 1::2] = doubled[:, 1::2].clamp(0, 128)
+    nonempty = (doubled[:, 2] > doubled[:, 0]) & (doubled[:, 3] > doubled[:, 1])
+    torch.testing.assert_close(final[0].pred_boxes.tensor, doubled[nonempty])
+
+
+def test_inference_with_detected_instances_returns_them(model):
+    # No mask or keypoint head: given boxes come back as the results (rescaled to the output).
+    given = Instances((64, 96), pred_boxes=Boxes(torch.tensor([[10.0, 5.0, 40.0, 30.0]])))
+    given.pred_classes = torch.tensor([2])
+    given.scores = torch.tensor([0.9])
+    inputs = [dict(make_input(64, 96, seed=0), height=32, width=48)]
+    with torch.no_grad():
+        out = model.inference(inputs, detected_instances=[given])
+    assert out[0]["instances"].pred_classes.tolist() == [2]
+    torch.testing.assert_close(
+        out[0]["instances"].pred_boxes.tensor, torch.tensor([[5.0, 2.5, 20.0, 15.0]])
+    )
+
+
 def test_inference_deterministic(model):
     inputs = [{"image": make_image(64, 96, seed=6)}, {"image": make_image(96, 64, seed=7)}]
     first, second = infer(model, inputs), infer(model, inputs)
@@ -232,7 +272,7 @@ def test_topk_over_proposals_and_classes_brute_force(model):
     logits = torch.randn(2, NUM_PROPOSALS, NUM_CLASSES, generator=gen) * 3
     xy = torch.rand(2, NUM_PROPOSALS, 2, generator=gen) * 40
     boxes = torch.cat([xy, xy + 5 + torch.rand(2, NUM_PROPOSALS, 2, generator=gen) * 20], -1)
-    results = model.inference(logits, boxes, [(64, 96), (80, 80)])
+    results = model.topk_detections(logits, boxes, [(64, 96), (80, 80)])
     for b, result in enumerate(results):
         candidates = sorted(
             (

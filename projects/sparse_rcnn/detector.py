@@ -161,46 +161,94 @@ class SparseRCNN(nn.Module):
 
         Returns:
             Training: dict of weighted losses ``loss_{cls,l1,giou}_stage{t}``.
-            Inference: list of {"instances": Instances with pred_boxes, scores, pred_classes}.
+            Inference: list of {"instances": Instances with pred_boxes, scores, pred_classes}
+            (see :meth:`inference`).
         """
+        if not self.training:
+            return self.inference(batched_inputs)
+        if not all("instances" in x for x in batched_inputs):
+            raise ValueError("SparseRCNN training needs 'instances' in every input dict")
         images, image_whwh = self.preprocess_image(batched_inputs)
+        features, proposal_boxes, proposal_features = self._features_and_proposals(
+            images, image_whwh
+        )
+        stage_outputs = self.head(features, proposal_boxes, proposal_features)
+        gt_instances = [x["instances"] for x in batched_inputs]
+        targets = prepare_targets(gt_instances, self.device)
+        return self.criterion(stage_outputs, targets)
+
+    def _features_and_proposals(self, images: ImageList, image_whwh: torch.Tensor):
+        """Backbone features (the ``in_features`` levels) and the stage-1 proposals."""
         features = self.backbone(images.tensor)
         features = [features[f] for f in self.in_features]
         proposal_boxes, proposal_features = self.proposal_generator(features, image_whwh)
-
-        if self.training:
-            if not all("instances" in x for x in batched_inputs):
-                raise ValueError("SparseRCNN training needs 'instances' in every input dict")
-            stage_outputs = self.head(features, proposal_boxes, proposal_features)
-            gt_instances = [x["instances"] for x in batched_inputs]
-            targets = prepare_targets(gt_instances, self.device)
-            return self.criterion(stage_outputs, targets)
-
-        last = self.head.num_stages - 1
-        stages = None if self.output_all_stages else [last]
-        stage_outputs = self.head(features, proposal_boxes, proposal_features, stages)
-        processed = [
-            self._postprocess(
-                self.inference(out["pred_logits"], out["pred_boxes"], images.image_sizes),
-                batched_inputs,
-                images.image_sizes,
-            )
-            for out in (stage_outputs if self.output_all_stages else stage_outputs[-1:])
-        ]
-        results = [{"instances": r} for r in processed[-1]]
-        if self.output_all_stages:
-            for index, result in enumerate(results):
-                result["stage_instances"] = [stage[index] for stage in processed]
-        return results
+        return features, proposal_boxes, proposal_features
 
     def inference(
+        self,
+        batched_inputs: List[Dict],
+        detected_instances: Optional[List[Instances]] = None,
+        do_postprocess: bool = True,
+    ):
+        """Run inference on the given inputs (Detectron2's ``GeneralizedRCNN.inference`` contract).
+
+        Args:
+            batched_inputs: as in :meth:`forward`.
+            detected_instances: if not None, one Instances per image with known ``pred_boxes``
+                and ``pred_classes``: box detection is skipped and they are returned as the
+                results. Sparse R-CNN has no other per-box outputs (no mask or keypoint head), so
+                there is nothing to add to them.
+            do_postprocess: whether to rescale the detections to the requested output size
+                ("height"/"width" of each input) with ``detector_postprocess``. TTA and export
+                call it with False and post-process themselves.
+
+        Returns:
+            ``do_postprocess=True``: a list of {"instances": Instances} in the output resolution,
+            plus "stage_instances" (every stage's, stage 1 first) with ``output_all_stages``.
+            ``do_postprocess=False``: a list of Instances of the final stage in the resolution of
+            the network's input (each image's unpadded size), not clipped.
+        """
+        assert not self.training
+        images, image_whwh = self.preprocess_image(batched_inputs)
+        if detected_instances is not None:
+            results = [x.to(self.device) for x in detected_instances]
+            if not do_postprocess:
+                return results
+            return self._postprocess(results, batched_inputs, images.image_sizes)
+
+        features, proposal_boxes, proposal_features = self._features_and_proposals(
+            images, image_whwh
+        )
+        all_stages = self.output_all_stages and do_postprocess
+        stages = None if all_stages else [self.head.num_stages - 1]
+        stage_outputs = self.head(features, proposal_boxes, proposal_features, stages)
+        if not all_stages:
+            stage_outputs = stage_outputs[-1:]
+        per_stage = [
+            self.topk_detections(out["pred_logits"], out["pred_boxes"], images.image_sizes)
+            for out in stage_outputs
+        ]
+        if not do_postprocess:
+            return per_stage[-1]
+        processed = [self._postprocess(r, batched_inputs, images.image_sizes) for r in per_stage]
+        results = processed[-1]
+        if all_stages:
+            for index, result in enumerate(results):
+                result["stage_instances"] = [stage[index]["instances"] for stage in processed]
+        return results
+
+    def topk_detections(
         self, box_cls: torch.Tensor, box_pred: torch.Tensor, image_sizes: List[Tuple[int, int]]
     ) -> List[Instances]:
-        """Top-k over (proposals x classes) with k = number of proposals, sorted by score.
+        """Top-k over (proposals x classes) with k = number of proposals, sorted by score; then the
+        score threshold and, if enabled, class-aware NMS.
 
         Args:
             box_cls: (B, N, K) class logits; box_pred: (B, N, 4) xyxy pixels.
             image_sizes: unpadded (h, w) of every image.
+
+        Returns:
+            B Instances of ``image_size`` (h, w) with pred_boxes, scores, pred_classes.
         """
         num_proposals = box_cls.shape[1]
         scores = torch.sigmoid(box_cls.float()).flatten(1)  # (B, N * K)
@@ -228,12 +276,12 @@ class SparseRCNN(nn.Module):
 
     @staticmethod
     def _postprocess(
-        results: List[Instances], batched_inputs: List[Dict], image_sizes
-    ) -> List[Instances]:
+        instances: List[Instances], batched_inputs: List[Dict], image_sizes
+    ) -> List[Dict[str, Instances]]:
         """Rescale to the requested output size ("height"/"width") and clip to the image."""
         processed = []
-        for result, input_per_image, image_size in zip(results, batched_inputs, image_sizes):
+        for result, input_per_image, image_size in zip(instances, batched_inputs, image_sizes):
             height = input_per_image.get("height", image_size[0])
             width = input_per_image.get("width", image_size[1])
-            processed.append(detector_postprocess(result, height, width))
+            processed.append({"instances": detector_postprocess(result, height, width)})
         return processed
