@@ -23,6 +23,7 @@ from detectron2.utils.visualizer import Visualizer
 
 from .builtin_datasets import prepare_builtin_dataset
 from .config import add_sparse_rcnn_config
+from .visualization import draw_prediction_beside_ground_truth
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -55,16 +56,27 @@ def expand_inputs(inputs: List[str]) -> List[str]:
 
 
 def draw_predictions(
-    predictor: DefaultPredictor, path: str, metadata, max_detections: Optional[int] = None
+    predictor: DefaultPredictor,
+    path: str,
+    metadata,
+    max_detections: Optional[int] = None,
+    record: Optional[dict] = None,
 ):
     """Run the predictor on one image file; return (instances, BGR image with boxes drawn).
 
-    Only the ``max_detections`` highest-scoring detections are kept, if given.
+    Only the ``max_detections`` highest-scoring detections are kept, if given. With the image's
+    dataset ``record``, the ground truth is drawn beside the predictions, both upscaled to read
+    (:func:`sparse_rcnn.visualization.draw_prediction_beside_ground_truth`).
     """
     image_bgr = read_image(path, format="BGR")
     instances = predictor(image_bgr)["instances"].to("cpu")
     if max_detections is not None:
         instances = instances[instances.scores.argsort(descending=True)[:max_detections]]
+    if record is not None:
+        scale = max(1.0, 512.0 / max(image_bgr.shape[:2]))
+        classes = metadata.get("thing_classes", [])
+        drawn = draw_prediction_beside_ground_truth(image_bgr, instances, record, classes, scale)
+        return instances, drawn
     visualizer = Visualizer(image_bgr[:, :, ::-1], metadata)
     drawn = visualizer.draw_instance_predictions(instances).get_image()[:, :, ::-1]
     return instances, drawn
@@ -90,10 +102,11 @@ def main(argv=None):
     predictor = DefaultPredictor(cfg)
     dataset = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
     metadata = MetadataCatalog.get(dataset)
+    records = {}
     if args.dataset:
         prepare_builtin_dataset(args.dataset)
-        records = DatasetCatalog.get(args.dataset)[: args.num_images]
-        paths = [r["file_name"] for r in records]
+        records = {r["file_name"]: r for r in DatasetCatalog.get(args.dataset)[: args.num_images]}
+        paths = list(records)
         metadata = MetadataCatalog.get(args.dataset)
     else:
         paths = expand_inputs(args.input)
@@ -101,7 +114,9 @@ def main(argv=None):
         raise SystemExit(f"No images found in {args.input or args.dataset}")
     os.makedirs(args.output, exist_ok=True)
     for path in paths:
-        instances, drawn = draw_predictions(predictor, path, metadata, args.max_detections)
+        instances, drawn = draw_predictions(
+            predictor, path, metadata, args.max_detections, records.get(path)
+        )
         out_path = os.path.join(args.output, os.path.basename(path))
         cv2.imwrite(out_path, drawn)
         print(f"{path}: {len(instances)} detections -> {out_path}")

@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""What each part of Dynamic Sparse R-CNN buys on the built-in dataset, within the main job's budget.
+
+Every variant trains the main job's model and schedule (configs/sparse_rcnn_quick_cpu.yaml: 1300
+iterations of batch 4 on synthetic_shapes_train) with ``train_net.py`` in a subprocess, then is
+evaluated on synthetic_shapes_val with COCOEvaluator twice, without and with class-aware NMS at
+IoU 0.7. One JSON record per (variant, seed) is printed and appended to ``--out``:
+
+    python benchmarks/ablate_dynamic.py                       # every variant, seed 40244023
+    python benchmarks/ablate_dynamic.py --variants sparse dynamic --seeds 1
+    python benchmarks/ablate_dynamic.py --late-steps 40       # + step time late in training
+
+Variants (``--variants``): ``sparse`` (Sparse R-CNN), ``dla`` (+ OTA with dynamic k and the unit
+increasing strategy, one loss), ``dla_two_losses`` (+ the one-to-one loss), ``dpg`` (+ dynamic
+proposals only), ``dynamic`` (both: configs/dynamic_sparse_rcnn_quick_cpu.yaml).
+
+``--late-steps N`` also times N training steps from each trained checkpoint (the late phase of
+training, where subnormal floats appeared in the Dynamic Sparse R-CNN path), with the CPU's
+flush-to-zero off and on, and counts the subnormal values in the weights, gradients and AdamW state.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SPARSE = "configs/sparse_rcnn_quick_cpu.yaml"
+DYNAMIC = "configs/dynamic_sparse_rcnn_quick_cpu.yaml"
+DLA_OPTS = [
+    "MODEL.SPARSE_RCNN.MATCHER_NAME", "OTAMatcher",
+    "MODEL.SPARSE_RCNN.LOSS_NORMALIZE_BY", "num_positives",
+]  # fmt: skip
+VARIANTS = {
+    # name: (config, extra opts). NMS at test time is chosen at evaluation, not here.
+    "sparse": (SPARSE, []),
+    "dla": (SPARSE, DLA_OPTS + ["MODEL.SPARSE_RCNN.TWO_LOSSES", "False"]),
+    "dla_two_losses": (SPARSE, DLA_OPTS + ["MODEL.SPARSE_RCNN.TWO_LOSSES", "True"]),
+    "dpg": (DYNAMIC, [
+        "MODEL.SPARSE_RCNN.MATCHER_NAME", "HungarianMatcher",
+        "MODEL.SPARSE_RCNN.LOSS_NORMALIZE_BY", "num_gt",
+        "MODEL.SPARSE_RCNN.TWO_LOSSES", "False",
+    ]),
+    "dynamic": (DYNAMIC, []),
+}  # fmt: skip
+DEFAULT_SEED = 40244023  # configs/Base-SparseRCNN.yaml
+
+
+def make_cfg(config_file, opts):
+    from detectron2.config import get_cfg
+
+    from sparse_rcnn import add_sparse_rcnn_config
+
+    cfg = get_cfg()
+    add_sparse_rcnn_config(cfg)
+    cfg.merge_from_file(str(REPO / config_file))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def evaluate(cfg, weights, nms: bool) -> dict:
+    """COCO box AP of ``weights`` on cfg.DATASETS.TEST[0], with or without NMS 0.7."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.evaluation import inference_on_dataset
+    from detectron2.modeling import build_model
+
+    from sparse_rcnn.engine import build_sparse_rcnn_evaluator, build_sparse_rcnn_test_loader
+
+    cfg = cfg.clone()
+    cfg.MODEL.SPARSE_RCNN.NMS_ENABLED = nms
+    cfg.MODEL.SPARSE_RCNN.NMS_THRESH_TEST = 0.7
+    cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE = False
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(weights)
+    dataset = cfg.DATASETS.TEST[0]
+    folder = os.path.join(cfg.OUTPUT_DIR, f"eval_nms{int(nms)}")
+    results = inference_on_dataset(
+        model,
+        build_sparse_rcnn_test_loader(cfg, dataset),
+        build_sparse_rcnn_evaluator(cfg, dataset, folder),
+    )
+    return {k: round(results["bbox"][k], 2) for k in ("AP", "AP50", "AP75")}
+
+
+def step_times(output_dir: str) -> dict:
+    """Median logged step time over the first and last 300 iterations (metrics.json "time")."""
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        records = [json.loads(line) for line in f if '"time"' in line]
+    times = [(r["iteration"], r["time"]) for r in records if "time" in r]
+    if not times:
+        return {}
+    last = times[-1][0]
+    early = [t for it, t in times if 100 <= it < 400]
+    late = [t for it, t in times if it > last - 300]
+    return {
+        "step_s_early": round(statistics.median(early), 4) if early else None,
+        "step_s_late": round(statistics.median(late), 4) if late else None,
+    }
+
+
+def subnormal_counts(named_tensors) -> dict:
+    """name -> number of subnormal float32 values, for tensors that hold any."""
+    tiny = torch.finfo(torch.float32).tiny
+    counts = {}
+    for name, tensor in named_tensors:
+        if tensor is None or not tensor.is_floating_point():
+            continue
+        count = int(((tensor != 0) & (tensor.abs() < tiny)).sum())
+        if count:
+            counts[name] = count
+    return counts
+
+
+def late_steps(cfg, weights, steps: int) -> dict:
+    """Time ``steps`` training steps from a trained checkpoint, flush-to-zero off then on."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from sparse_rcnn.engine import build_sparse_rcnn_train_loader
+    from sparse_rcnn.solver import build_optimizer
+
+    record = {}
+    for flush in (False, True):
+        torch.set_flush_denormal(flush)
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        DetectionCheckpointer(model).load(weights)
+        optimizer = build_optimizer(cfg, model)
+        loader = iter(build_sparse_rcnn_train_loader(cfg))
+        times = []
+        with EventStorage(cfg.SOLVER.MAX_ITER):
+            for _ in range(steps):
+                batch = next(loader)
+                start = time.perf_counter()
+                loss = sum(model(batch).values())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                times.append(time.perf_counter() - start)
+        key = "flush" if flush else "no_flush"
+        record[f"late_step_s_{key}"] = round(statistics.median(times[steps // 4 :]), 4)
+        if not flush:
+            grads = [(f"grad:{n}", p.grad) for n, p in model.named_parameters()]
+            states = [
+                (f"adam:{n}:{k}", v)
+                for n, p in model.named_parameters()
+                for k, v in optimizer.state.get(p, {}).items()
+                if torch.is_tensor(v)
+            ]
+            record["subnormal_counts"] = subnormal_counts(
+                list(model.named_parameters()) + grads + states
+            )
+    torch.set_flush_denormal(False)
+    return record
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[DEFAULT_SEED])
+    parser.add_argument("--max-iter", type=int, default=None, help="default: the config's (1300)")
+    parser.add_argument("--late-steps", type=int, default=0)
+    parser.add_argument("--output-root", default="output/ablation")
+    parser.add_argument("--out", default="benchmarks/results/ablation.jsonl")
+    parser.add_argument("--skip-train", action="store_true", help="reuse finished runs")
+    args = parser.parse_args()
+    os.chdir(REPO)
+    records = []
+    for seed in args.seeds:
+        for name in args.variants:
+            config, opts = VARIANTS[name]
+            output_dir = os.path.join(args.output_root, f"{name}_seed{seed}")
+            opts = opts + ["SEED", str(seed), "OUTPUT_DIR", output_dir, "TEST.EVAL_PERIOD", "0"]
+            if args.max_iter:
+                opts += ["SOLVER.MAX_ITER", str(args.max_iter)]
+            weights = os.path.join(output_dir, "model_final.pth")
+            load_before = os.getloadavg()
+            start = time.time()
+            if not (args.skip_train and os.path.isfile(weights)):
+                command = [sys.executable, "train_net.py", "--config-file", config] + opts
+                subprocess.run(command, check=True)
+            train_s = time.time() - start
+            cfg = make_cfg(config, opts)
+            record = {
+                "bench": "ablate_dynamic",
+                "variant": name,
+                "seed": seed,
+                "config": config,
+                "opts": opts,
+                "max_iter": cfg.SOLVER.MAX_ITER,
+                "train_wall_s": round(train_s, 1),
+                **step_times(output_dir),
+                "ap_no_nms": evaluate(cfg, weights, nms=False),
+                "ap_nms_0.7": evaluate(cfg, weights, nms=True),
+                "threads": torch.get_num_threads(),
+                "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(),
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+            }
+            if args.late_steps:
+                record.update(late_steps(cfg, weights, args.late_steps))
+            records.append(record)
+            line = json.dumps(record)
+            print(line, flush=True)
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+    print_table(records)
+
+
+def print_table(records) -> None:
+    """The records side by side: COCO box AP without / with NMS 0.7, and the step time."""
+    from tabulate import tabulate
+
+    rows = [
+        [
+            r["variant"],
+            r["seed"],
+            r["ap_no_nms"]["AP"],
+            r["ap_no_nms"]["AP50"],
+            r["ap_nms_0.7"]["AP"],
+            r["ap_nms_0.7"]["AP50"],
+            r.get("step_s_late"),
+            r["train_wall_s"],
+        ]
+        for r in records
+    ]
+    headers = ["variant", "seed", "AP", "AP50", "AP (NMS)", "AP50 (NMS)", "late step s", "train s"]
+    floatfmt = ("", "", ".1f", ".1f", ".1f", ".1f", ".3f", ".0f")
+    print(tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=floatfmt))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Pictures of a trained model: detections beside the ground truth, training curves, AP per stage.
+
+Used by the demo (``python -m sparse_rcnn.demo --dataset ...``) and by ``python -m sparse_rcnn.report``.
+The built-in dataset's images are 128 px, so detections are drawn on an upscaled copy, with the
+labels written above each box (never over the object) on a filled background.
+"""
+
+import json
+import os
+import re
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+from detectron2.structures import BoxMode, Instances
+
+__all__ = [
+    "draw_boxes",
+    "draw_prediction_beside_ground_truth",
+    "read_metrics",
+    "plot_training_curves",
+    "plot_ap_per_stage",
+]
+
+# BGR colours, one per class (tab10), cycled for more classes.
+_COLORS = [
+    (180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148),
+    (75, 86, 140), (194, 119, 227), (127, 127, 127), (34, 189, 188), (207, 190, 23),
+]  # fmt: skip
+
+
+def _color(class_id: int) -> Tuple[int, int, int]:
+    return _COLORS[class_id % len(_COLORS)]
+
+
+def draw_boxes(
+    image_bgr: np.ndarray,
+    boxes: np.ndarray,
+    classes: Sequence[int],
+    class_names: Sequence[str],
+    scores: Optional[Sequence[float]] = None,
+    scale: float = 4.0,
+) -> np.ndarray:
+    """Draw boxes on an upscaled copy of the image, each label above its box.
+
+    Args:
+        image_bgr: (H, W, 3) uint8.
+        boxes: (R, 4) xyxy in pixels of ``image_bgr``.
+        classes: R class ids; class_names: a name per class id.
+        scores: R scores, written after the name, or None (ground truth).
+        scale: upscaling factor of the drawing (the 128-px images read well at 4).
+
+    Returns:
+        (round(H * scale), round(W * scale), 3) uint8 BGR.
+    """
+    height, width = image_bgr.shape[:2]
+    size = (int(round(width * scale)), int(round(height * scale)))
+    canvas = cv2.resize(image_bgr, size, interpolation=cv2.INTER_LINEAR)
+    font, font_scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1
+    for index, (box, class_id) in enumerate(zip(np.asarray(boxes, dtype=np.float64), classes)):
+        x0, y0, x1, y1 = (int(round(v * scale)) for v in box)
+        color = _color(int(class_id))
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), color, 2)
+        name = class_names[int(class_id)] if int(class_id) < len(class_names) else str(class_id)
+        label = name if scores is None else f"{name} {float(scores[index]):.2f}"
+        (text_w, text_h), baseline = cv2.getTextSize(label, font, font_scale, thickness)
+        # Above the box where there is room, else just below its top edge outside the object row.
+        top = y0 - text_h - baseline - 2
+        if top < 0:
+            top = min(y1 + 2, size[1] - text_h - baseline)
+        left = int(np.clip(x0, 0, max(size[0] - text_w, 0)))
+        cv2.rectangle(canvas, (left, top), (left + text_w, top + text_h + baseline), color, -1)
+        cv2.putText(
+            canvas, label, (left, top + text_h), font, font_scale, (255, 255, 255), thickness,
+            cv2.LINE_AA,
+        )  # fmt: skip
+    return canvas
+
+
+def _titled(image: np.ndarray, title: str) -> np.ndarray:
+    bar = np.full((24, image.shape[1], 3), 255, dtype=np.uint8)
+    cv2.putText(bar, title, (4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, image], axis=0)
+
+
+def draw_prediction_beside_ground_truth(
+    image_bgr: np.ndarray,
+    instances: Instances,
+    record: Optional[Dict],
+    class_names: Sequence[str],
+    scale: float = 4.0,
+) -> np.ndarray:
+    """The ground truth (left, if ``record`` has annotations) beside the predictions (right).
+
+    Args:
+        image_bgr: (H, W, 3) uint8, the image the predictions are in.
+        instances: predictions with pred_boxes, pred_classes and scores, in image pixels.
+        record: the image's Detectron2 dataset dict (its "annotations"), or None.
+        class_names: the metadata's ``thing_classes``.
+        scale: upscaling factor.
+    """
+    predicted = draw_boxes(
+        image_bgr,
+        instances.pred_boxes.tensor.numpy(),
+        instances.pred_classes.tolist(),
+        class_names,
+        instances.scores.tolist(),
+        scale,
+    )
+    panels = [_titled(predicted, f"prediction ({len(instances)})")]
+    if record is not None and "annotations" in record:
+        annotations = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
+        boxes = np.array(
+            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations]
+        ).reshape(-1, 4)
+        # Registered COCO-json datasets (load_coco_json) already hold contiguous class ids.
+        classes = [a["category_id"] for a in annotations]
+        truth = draw_boxes(image_bgr, boxes, classes, class_names, None, scale)
+        gap = np.full((predicted.shape[0] + 24, 8, 3), 255, dtype=np.uint8)
+        panels = [_titled(truth, f"ground truth ({len(annotations)})"), gap] + panels
+    return np.concatenate(panels, axis=1)
+
+
+def read_metrics(output_dir: str) -> List[Dict]:
+    """The records of ``{output_dir}/metrics.json`` (one JSON object a line), in order."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No metrics.json in {output_dir}: is it a training output dir?")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_training_curves(records: List[Dict], path: str) -> str:
+    """Total loss and every stage's classification, L1 and GIoU losses over the iterations.
+
+    Returns the path of the written PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stage_losses = defaultdict(dict)  # (term, stage) -> {iteration: value}
+    total = {}
+    for record in records:
+        if "total_loss" not in record:
+            continue
+        total[record["iteration"]] = record["total_loss"]
+        for key, value in record.items():
+            match = re.fullmatch(r"loss_(cls|l1|giou)_stage(\d+)", key)
+            if match:
+                stage_losses[(match.group(1), int(match.group(2)))][record["iteration"]] = value
+    if not total:
+        raise ValueError("metrics.json has no training records (total_loss)")
+    terms = ("cls", "l1", "giou")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    axes[0].plot(list(total), list(total.values()), color="black")
+    axes[0].set_title("total loss")
+    stages = sorted({stage for _, stage in stage_losses})
+    cmap = plt.get_cmap("viridis", max(len(stages), 2))
+    for ax, term in zip(axes[1:], terms):
+        for i, stage in enumerate(stages):
+            curve = stage_losses.get((term, stage), {})
+            ax.plot(list(curve), list(curve.values()), color=cmap(i), label=f"stage {stage}")
+        ax.set_title(f"loss_{term} per stage")
+    axes[-1].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def stage_ap(record: Dict) -> Dict[int, float]:
+    """``bbox_stage{t}/AP`` of an evaluation record (``EVAL_PER_STAGE``), stage -> AP."""
+    result = {}
+    for key, value in record.items():
+        match = re.fullmatch(r"bbox_stage(\d+)/AP", key)
+        if match:
+            result[int(match.group(1))] = value
+    return dict(sorted(result.items()))
+
+
+def plot_ap_per_stage(record: Dict, path: str) -> str:
+    """COCO AP, AP50 and AP75 of every stage (Sparse R-CNN fig. 5, Dynamic Sparse R-CNN fig. 6)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(stage_ap(record))
+    if not stages:
+        raise ValueError(
+            "the evaluation has no per-stage AP: train or evaluate with "
+            "MODEL.SPARSE_RCNN.EVAL_PER_STAGE True"
+        )
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for metric, marker in (("AP", "o"), ("AP50", "s"), ("AP75", "^")):
+        values = [record.get(f"bbox_stage{t}/{metric}", float("nan")) for t in stages]
+        ax.plot(stages, values, marker=marker, label=metric)
+    ax.set_xticks(stages)
+    ax.set_xlabel("stage")
+    ax.set_ylabel("COCO box AP")
+    ax.set_title("AP per stage")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
