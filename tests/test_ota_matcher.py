@@ -9,10 +9,9 @@ from scipy.optimize import linear_sum_assignment
 
 from conftest import make_cfg
 from sparse_rcnn.criterion import SetCriterion, build_criterion
-from sparse_rcnn.matcher import (
-    HungarianMatcher,
+from sparse_rcnn.matcher import HungarianMatcher, build_matcher
+from sparse_rcnn.ota import (
     OTAMatcher,
-    build_matcher,
     cap_units,
     dynamic_k_estimate,
     ensure_every_gt_matched,
@@ -21,7 +20,7 @@ from sparse_rcnn.matcher import (
     sinkhorn,
     unit_increase_offset,
 )
-from sparse_rcnn.matcher import _sinkhorn_log, _sinkhorn_scaling
+from sparse_rcnn.ota import _sinkhorn_log, _sinkhorn_scaling
 
 
 def random_inputs(num_images, num_preds, num_gts, num_classes=3, seed=0, clustered=False):
