@@ -37,11 +37,18 @@ def focal_background_cost(
     return ((1 - alpha) * (prob**gamma) * (-(1 - prob + 1e-8).log())).sum(dim=-1)
 
 
-# exp() of arguments below about -87.3 gives results under 1.2e-38 (the smallest normal float32 is
-# exp(-87.34)): subnormal numbers or 0, which the CPU's vectorised exp computes about 100x slower
-# than normal ones (7 ms instead of 0.07 ms for 180k elements). Sinkhorn's log-kernel -cost / eps
-# is mostly far below it (eps = 0.1), so torch.logsumexp spent almost all of OTA's time there
-# (2.4 s of 2.5 s for the 6 stages of 2 images with 300 proposals and 300 GT boxes each).
+# Why a hand-written logsumexp: only the log form of Sinkhorn uses it, and that form runs only where
+# the scaling form cannot, i.e. where a supplier's costs span more than 500 eps. Then almost all
+# of the log-kernel's entries lie far below -87.3, where float32 exp() underflows (the smallest
+# normal float32 is exp(-87.34)), and the CPU's vectorised exp is 10-25x slower on such arguments;
+# torch.set_flush_denormal(True) does not help. Measured with torch.utils.benchmark on (2, 21, 300)
+# (2 images, 20 GTs + background, 300 predictions), 1 thread, 2-core CPU at load 2.8, 2026-12-01:
+#   arguments in [-4000, 0] (costs 0-40 at eps 0.01): torch.logsumexp 0.33 ms, _logsumexp 0.033 ms
+#   arguments in [-104, -87] (subnormal results):        0.73 ms, 0.028 ms
+#   arguments in [-60, 0] (no underflow):                0.032 ms, 0.030 ms
+#   torch.logsumexp with set_flush_denormal(True): 0.22, 1.0 and 0.022 ms.
+# Sinkhorn calls it 100 times per stage (50 iterations), so it stays (a test checks it is
+# bit-identical to torch.logsumexp).
 _EXP_FLOOR = -87.3
 _NEGLIGIBLE = 1e-37
 
@@ -168,14 +175,14 @@ def _sinkhorn_log(
 
 
 def dynamic_k_estimate(ious: torch.Tensor, q: int) -> torch.Tensor:
-    """OTA's dynamic k before rounding: per GT, the sum of its q largest IoUs with the predictions.
+    """The sum OTA's dynamic k is made from: per GT, the sum of its q largest IoUs.
 
     Args:
         ious: (M, N) IoU of every GT with every prediction.
         q: number of IoUs summed (min(q, N) if there are fewer predictions).
 
     Returns:
-        (M,) float, unrounded (see :func:`ota_units`).
+        (M,) float, not yet converted to an integer (see :func:`ota_units`).
     """
     q = min(q, ious.shape[1])
     if q == 0:
@@ -190,38 +197,26 @@ def unit_increase_offset(stage: int, num_stages: int, unit_step: float = 0.5) ->
     return unit_step * (num_stages - (stage + 1))
 
 
-def cap_units(units: torch.Tensor, budget: int) -> torch.Tensor:
-    """Scale all units down by one common factor so that their sum is at most ``budget``.
+def cap_units(units: torch.Tensor, budget: float) -> torch.Tensor:
+    """The 80% cap: scale all units by one common factor so that their sum is at most ``budget``.
 
-    The paper: if m x k > 80% N, reduce k "by a same scaling factor for each GT" to keep at least
-    20% negative assignments. We return k_i' = max(1, floor(s * k_i)) with the largest factor s in
-    (0, 1] whose result fits the budget (exact integer arithmetic over every breakpoint s = j / k_l
-    where some floor(s * k_i) changes, so the clamp at 1 is accounted for). If even one unit per GT
-    exceeds the budget (m >= budget), every GT keeps one unit.
+    The paper: if m x k > 80% N_p, "we will reduce k by a same scaling factor for each GT to ensure
+    at least 20% negative assignments". The units are supplies of the transport problem, which may
+    be fractional, so this is a plain rescale, k_i' = k_i x budget / sum_j k_j, with no rounding
+    and no lower bound: with more GTs than the budget every GT supplies less than one unit (the
+    matcher still gives every GT a prediction, see :func:`ensure_every_gt_matched`).
 
     Args:
-        units: (M,) int64 units, each >= 1.
-        budget: the largest allowed total, floor(0.8 N) in the paper.
+        units: (M,) float units, each > 0.
+        budget: the largest allowed total, 0.8 N in the paper.
 
     Returns:
-        (M,) int64 units, each >= 1 and <= the input.
+        (M,) float units, proportional to the input, summing to min(sum(units), budget).
     """
-    if int(units.sum()) <= budget:
+    total = float(units.sum())
+    if total <= budget:
         return units
-    if len(units) >= budget:
-        return torch.ones_like(units)
-    kmax = int(units.max())
-    j = torch.arange(1, kmax, device=units.device)  # s = j / k_l < 1
-    numer = j[None, :].expand(len(units), -1)
-    denom = units[:, None].expand(-1, len(j))
-    valid = numer < denom
-    numer, denom = numer[valid], denom[valid]  # (C,)
-    scaled = ((units[None, :] * numer[:, None]) // denom[:, None]).clamp(min=1)  # (C, M)
-    fits = scaled.sum(dim=1) <= budget
-    if not fits.any():
-        return torch.ones_like(units)
-    factor = torch.where(fits, numer.double() / denom.double(), torch.zeros_like(numer).double())
-    return scaled[factor.argmax()]
+    return units * (budget / total)
 
 
 def ota_units(
@@ -231,26 +226,47 @@ def ota_units(
     offset: float = 0.0,
     max_positive_fraction: float = 0.8,
 ) -> torch.Tensor:
-    """Integer units (supplies) of the GTs: eq. 2 on the real-valued estimate, floor, >= 1, cap.
+    """Units (supplies) of the GTs in the paper's order: integer k, eq. 2, then the 80% cap.
 
-    k* = max(1, floor(k - offset)), offset = 0.5 (T - t) (eq. 2; 0 without the unit increasing
-    strategy). The half units are subtracted from the real-valued k (the sum of IoUs, or the fixed
-    k) and rounded once, down, as OTA rounds its dynamic k (``int()``): floor(x) <= x never gives
-    more units than eq. 2 and the last stage gets exactly OTA's dynamic k. Then the 80% cap
-    (:func:`cap_units` with budget floor(fraction x N)).
+    1. k = max(1, int(k_estimate)): the paper sums the top-q IoUs "and converts it to an integer",
+       OTA's code as ``clamp(topk_ious.sum(1).int(), min=1)`` (a fixed k is already an integer).
+    2. k* = max(1, k - offset) with offset = 0.5 (T - t) (eq. 2; 0 without the unit increasing
+       strategy). k* is not rounded: Sinkhorn takes fractional supplies, so k = 4 at T - t = 1 is
+       a supply of 3.5 (the plan then gives the GT 3 or 4 predictions, as its transport decides).
+       The paper does not say what eq. 2 gives for k <= 0.5 (T - t) (k <= 3 at the first of six
+       stages); we keep one unit, as OTA keeps k >= 1, so every GT still supplies one prediction.
+    3. The cap (:func:`cap_units`) with budget fraction x N, on the units actually used.
 
     Args:
-        k_estimate: (M,) float, the sum of top-q IoUs or a fixed k.
+        k_estimate: (M,) float, the sum of top-q IoUs (:func:`dynamic_k_estimate`) or a fixed k.
         num_preds: N.
         offset: value subtracted by the unit increasing strategy.
         max_positive_fraction: at most this fraction of N positive assignments (paper: 0.8).
 
     Returns:
-        (M,) int64 units.
+        (M,) float64 units.
     """
-    units = torch.floor(k_estimate.double() - offset).clamp(min=1).to(torch.int64)
-    budget = int(math.floor(max_positive_fraction * num_preds + 1e-6))
-    return cap_units(units, budget)
+    k = torch.floor(k_estimate.double()).clamp(min=1)  # int() of a non-negative sum is its floor
+    units = (k - offset).clamp(min=1)
+    return cap_units(units, max_positive_fraction * num_preds)
+
+
+def assign_by_plan(plan: torch.Tensor) -> torch.Tensor:
+    """OTA's rounding of a transport plan: each supplier's row is divided by that row's maximum,
+    then every prediction goes to the supplier with the largest value.
+
+    OTA's reference (``pi = pi / pi.max(dim=1)``, then ``pi.max(dim=0)``, background row included)
+    does this so that a GT whose units are spread thinly over many predictions still wins the
+    predictions it transports most to. A row of zeros (a supplier with no supply) stays zero.
+
+    Args:
+        plan: (S, N) transport plan, suppliers (GTs, then the background) by predictions.
+
+    Returns:
+        (N,) int64 supplier index of every prediction.
+    """
+    row_max = plan.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(plan.dtype).tiny)
+    return (plan / row_max).argmax(dim=-2)
 
 
 def ensure_every_gt_matched(owner: torch.Tensor, plan: torch.Tensor, num_gt: int) -> torch.Tensor:
@@ -284,23 +300,24 @@ def ensure_every_gt_matched(owner: torch.Tensor, plan: torch.Tensor, num_gt: int
 class OTAMatcher(nn.Module):
     """Many-to-one label assignment by optimal transport (Dynamic Sparse R-CNN's DLA, eq. 1-2).
 
-    Each of the M GTs supplies k_i units and the background N - sum(k_i); each of the N predictions
-    demands one. Positive cost = class cost + alpha x regression cost, with the Hungarian matcher's
-    focal class cost and L1 + GIoU terms (:func:`~sparse_rcnn.matcher.pairwise_match_cost`); the background cost is the
-    focal loss of "no object" (see ``background_cost``). The entropic plan is found by
-    :func:`sinkhorn` (batched over the images) and each prediction goes to its largest supplier;
-    background means unmatched.
+    Each of the M GTs supplies k*_i units and the background N - sum(k*_i); each of the N
+    predictions demands one. Positive cost = class cost + alpha x regression cost, the matching
+    cost of a :class:`~sparse_rcnn.matcher.HungarianMatcher` whose L1 and GIoU weights are scaled
+    by alpha; the background cost is the focal loss of "no object" (see ``background_cost``). The
+    entropic plan is found by :func:`sinkhorn` (batched over the images) and read as OTA reads it
+    (:func:`assign_by_plan`); background means unmatched.
 
-    Units: k_i = max(1, floor(sum of the top-q IoUs of GT i)) (OTA's dynamic k) or a fixed k; the
-    unit increasing strategy subtracts 0.5 (T - t) at stage t before rounding (:func:`ota_units`);
-    at most 80% of the predictions are positive (:func:`cap_units`).
+    Units (:func:`ota_units`), in the paper's order: k = max(1, int(sum of the top-q IoUs of GT i))
+    (OTA's dynamic k) or a fixed k; the unit increasing strategy gives k* = max(1, k - 0.5 (T - t))
+    at stage t, fractional; at most 80% of the predictions are positive (:func:`cap_units`, a
+    plain rescale).
 
     What holds for every image: each prediction has at most one GT; with N >= M every GT has at
     least one prediction (:func:`ensure_every_gt_matched` repairs the argmax rounding when needed);
-    the number of positives equals sum(k*) up to the rounding of the entropic plan (exactly for
-    a small ``eps`` and enough iterations). With M > N the optimal transport has no feasible
-    plan with a unit per GT, so the matcher falls back to the one-to-one Hungarian assignment on
-    the positive cost: every prediction is positive, N GTs are matched (the background gets 0).
+    GT i gets about k*_i predictions (floor or ceil of it for a small ``eps`` and enough
+    iterations). With M > N the optimal transport has no feasible plan with a unit per GT, so
+    the matcher falls back to the one-to-one Hungarian matcher on the positive cost: every
+    prediction is positive, N GTs are matched (the background gets 0).
     """
 
     @configurable
@@ -409,7 +426,7 @@ class OTAMatcher(nn.Module):
         }
 
     def units(self, pred_boxes: torch.Tensor, gt_boxes: torch.Tensor, stage: int) -> torch.Tensor:
-        """(M,) int64 units k* of the GTs of one image at a 0-based ``stage``.
+        """(M,) float64 units k* of the GTs of one image at a 0-based ``stage`` (:func:`ota_units`).
 
         Args:
             pred_boxes: (N, 4) xyxy; gt_boxes: (M, 4) xyxy.
@@ -499,10 +516,8 @@ class OTAMatcher(nn.Module):
             for i, b in enumerate(ot_images):
                 num_gt = len(ot_costs[i]) - 1
                 plan = torch.cat([plans[i, :num_gt], plans[i, -1:]], dim=0)  # (M + 1, N)
-                owner = plan.argmax(dim=0)  # each prediction goes to its largest supplier
+                owner = assign_by_plan(plan)
                 owner = ensure_every_gt_matched(owner, plan, num_gt)
                 pred_idx = torch.nonzero(owner < num_gt).flatten()
                 indices[b] = (pred_idx, owner[pred_idx])
         return indices
-
-
