@@ -273,8 +273,8 @@ def ensure_every_gt_matched(owner: torch.Tensor, plan: torch.Tensor, num_gt: int
     """Give every GT without a prediction the prediction it transports most to, among those that
     can be spared (background ones, or ones of a GT that keeps at least one).
 
-    Rounding an entropic plan by argmax may leave a GT with no prediction; with N >= M there is
-    always a prediction to spare. The loop runs over the unmatched GTs only (usually none).
+    Rounding an entropic plan (:func:`assign_by_plan`) may leave a GT with no prediction; with
+    N >= M there is always a prediction to spare. The loop runs over the unmatched GTs only (usually none).
 
     Args:
         owner: (N,) int64 supplier of every prediction (``num_gt`` = background).
@@ -351,9 +351,11 @@ class OTAMatcher(nn.Module):
             top_q: q, the number of IoUs summed per GT by dynamic k (paper: 8).
             fixed_k: if > 0, every GT supplies this many units instead of the dynamic k (paper
                 table 3, "fixed k").
-            unit_increasing: subtract ``unit_step`` x (T - t) from k at stage t (eq. 2).
+            unit_increasing: k* = max(1, k - ``unit_step`` x (T - t)) at stage t (eq. 2), on the
+                integer k, not rounded (:func:`ota_units`).
             unit_step: the 0.5 of eq. 2.
-            max_positive_fraction: at most this fraction of the predictions is positive (0.8).
+            max_positive_fraction: at most this fraction of the predictions is positive (0.8);
+                larger units are scaled down by one common factor (:func:`cap_units`).
             background_cost: "full_focal": positive cost = full focal loss of the one-hot GT
                 class over all K outputs + alpha x reg, background cost = full focal loss of the
                 all-zero target; both share sum_k FL(p_k, negative), which cancels (every column
