@@ -7,7 +7,8 @@ from detectron2.utils.events import EventStorage
 
 from conftest import CONFIG_DIR, build_tiny_model, make_cfg
 from sparse_rcnn.dynamic_proposals import DynamicProposalGenerator, annealed_temperature
-from sparse_rcnn.matcher import HungarianMatcher, OTAMatcher
+from sparse_rcnn.matcher import HungarianMatcher
+from sparse_rcnn.ota import OTAMatcher
 from sparse_rcnn.proposals import LearnableProposals
 
 C, N, E = 8, 12, 3

@@ -9,10 +9,10 @@ from scipy.optimize import linear_sum_assignment
 
 from conftest import make_cfg
 from sparse_rcnn.criterion import SetCriterion, build_criterion
-from sparse_rcnn.matcher import (
-    HungarianMatcher,
+from sparse_rcnn.matcher import HungarianMatcher, build_matcher
+from sparse_rcnn.ota import (
     OTAMatcher,
-    build_matcher,
+    assign_by_plan,
     cap_units,
     dynamic_k_estimate,
     ensure_every_gt_matched,
@@ -21,7 +21,7 @@ from sparse_rcnn.matcher import (
     sinkhorn,
     unit_increase_offset,
 )
-from sparse_rcnn.matcher import _sinkhorn_log, _sinkhorn_scaling
+from sparse_rcnn.ota import _logsumexp, _sinkhorn_log, _sinkhorn_scaling
 
 
 def random_inputs(num_images, num_preds, num_gts, num_classes=3, seed=0, clustered=False):
@@ -137,6 +137,29 @@ def test_sinkhorn_falls_back_to_the_log_form_outside_float64_range():
     assert _sinkhorn_scaling(torch.full((2, 3), float("inf")), supply[:2], None, 0.1, 5) is None
 
 
+def test_logsumexp_is_torch_logsumexp_bit_for_bit():
+    # The log form's logsumexp skips exp() of arguments far below -87.3 (see the comment at it).
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat(
+        [
+            -torch.rand(4, 300, generator=g) * 4000,  # costs 0-40 at eps 0.01
+            -87.0 - torch.rand(4, 300, generator=g) * 17,  # subnormal exp() results
+            torch.randn(4, 300, generator=g) * 30,
+        ]
+    )
+    x[0, :7] = 0.0  # ties at the max
+    special = torch.randn(4, 300, generator=g)
+    special[0] = float("-inf")  # a supplier with no supply
+    special[1, 3] = float("inf")
+    special[2, 5] = float("nan")
+    special[3, :] = -1e30
+    for t in (x, special):
+        for dim in (0, 1):
+            torch.testing.assert_close(
+                _logsumexp(t.clone(), dim), torch.logsumexp(t, dim), rtol=0, atol=0, equal_nan=True
+            )
+
+
 def brute_force_assignment(cost):
     """Optimal injective GT -> prediction map of a (M, N) cost by enumeration, and the gap to the
     second best total."""
@@ -175,9 +198,10 @@ def test_ota_matcher_with_k1_equals_hungarian_matcher():
         fixed_k=1,
         unit_increasing=False,
         max_positive_fraction=1.0,
-        sinkhorn_eps=0.05,
-        sinkhorn_iters=300,
+        sinkhorn_eps=0.01,
+        sinkhorn_iters=1000,
     )
+    # A small eps: OTA's row-rescaled rounding of a diffuse plan gives a GT more predictions.
     for seed in range(6):
         logits, boxes, targets = random_inputs(2, 7, [3, 4], seed=seed)
         expected = hungarian(logits, boxes, targets)
@@ -204,58 +228,112 @@ def test_dynamic_k_hand_worked():
 
 
 def test_unit_increasing_every_stage_of_six():
-    # k* = k - 0.5 (T - t), t = 1 ... 6: the half units are subtracted from the real-valued k and
-    # rounded down once (then >= 1).
+    # The paper's order: k = max(1, int(k_real)), then eq. 2 k* = k - 0.5 (T - t), t = 1 ... 6,
+    # not rounded, and at least 1.
     assert [unit_increase_offset(s, 6) for s in range(6)] == [2.5, 2.0, 1.5, 1.0, 0.5, 0.0]
 
     def per_stage(k):
         k = torch.tensor([k])
-        return [int(ota_units(k, 300, offset=unit_increase_offset(s, 6))) for s in range(6)]
+        return [float(ota_units(k, 300, offset=unit_increase_offset(s, 6))) for s in range(6)]
 
-    assert per_stage(4.6) == [2, 2, 3, 3, 4, 4]  # dynamic k, OTA's k = 4 at the last stage
-    assert per_stage(6.0) == [3, 4, 4, 5, 5, 6]
-    assert per_stage(3.0) == [1, 1, 1, 2, 2, 3]  # fixed k = 3
-    assert per_stage(2.0) == [1, 1, 1, 1, 1, 2]
-    assert per_stage(1.0) == [1] * 6
+    assert per_stage(4.6) == [1.5, 2.0, 2.5, 3.0, 3.5, 4.0]  # k = 4; 3.5 at T - t = 1
+    assert per_stage(7.9) == [4.5, 5.0, 5.5, 6.0, 6.5, 7.0]  # k = 7
+    assert per_stage(6.0) == [3.5, 4.0, 4.5, 5.0, 5.5, 6.0]
+    assert per_stage(3.0) == [1.0, 1.0, 1.5, 2.0, 2.5, 3.0]  # fixed k = 3; 0.5 -> 1 at t = 1
+    assert per_stage(2.0) == [1.0, 1.0, 1.0, 1.0, 1.5, 2.0]
+    assert per_stage(1.0) == [1.0] * 6
+    assert per_stage(0.6) == [1.0] * 6  # k = max(1, int(0.6)) = 1
     with pytest.raises(ValueError):
         unit_increase_offset(6, 6)
     # The matcher applies it by stage index; fixed k = 3.
     matcher = OTAMatcher(fixed_k=3, num_stages=6)
     pred, gt = torch.tensor([[0.0, 0, 10, 10]] * 20), torch.tensor([[0.0, 0, 10, 10]])
-    assert [int(matcher.units(pred, gt, s)) for s in range(6)] == [1, 1, 1, 2, 2, 3]
+    assert [float(matcher.units(pred, gt, s)) for s in range(6)] == [1, 1, 1.5, 2, 2.5, 3]
     matcher = OTAMatcher(fixed_k=3, unit_increasing=False)
-    assert [int(matcher.units(pred, gt, s)) for s in range(6)] == [3] * 6
+    assert [float(matcher.units(pred, gt, s)) for s in range(6)] == [3] * 6
+
+
+def assert_units(units, expected):
+    """Units equal to exact fractions (float64 rounding aside)."""
+    expected = torch.tensor([float(Fraction(e)) for e in expected], dtype=torch.float64)
+    torch.testing.assert_close(units, expected, rtol=1e-12, atol=0)
 
 
 def test_cap_units_hand_worked():
-    # n = 10 -> at most 8 positives.
-    assert ota_units(torch.tensor([5.0, 3.0]), 10).tolist() == [5, 3]  # 8: unchanged
-    assert ota_units(torch.tensor([4.0, 4.0, 4.0]), 10).tolist() == [2, 2, 2]  # s in [1/2, 3/4)
-    assert ota_units(torch.tensor([6.0, 5.0]), 10).tolist() == [4, 4]  # s = 4/5
-    assert ota_units(torch.tensor([3.0] * 9), 10).tolist() == [1] * 9  # m >= 8: one unit each
-    # The clamp at 1 counts: with k = [1] * 7 + [20] and 16 allowed, s = 16 / 27 would give 18.
-    assert cap_units(torch.tensor([1] * 7 + [20]), 16).tolist() == [1] * 7 + [9]
+    # n = 10 -> at most 8 positives, a plain rescale by 8 / sum.
+    assert_units(ota_units(torch.tensor([5.0, 3.0]), 10), [5, 3])  # 8: unchanged
+    assert_units(ota_units(torch.tensor([4.0, 4.0, 4.0]), 10), [Fraction(8, 3)] * 3)
+    assert_units(ota_units(torch.tensor([6.0, 5.0]), 10), [Fraction(48, 11), Fraction(40, 11)])
+    assert_units(ota_units(torch.tensor([3.0] * 9), 10), [Fraction(8, 9)] * 9)  # below one each
     # n = 300 (the paper's proposals): budget 240.
-    units = ota_units(torch.full((40,), 7.0), 300)
-    assert units.tolist() == [6] * 40 and int(units.sum()) <= 240
+    assert_units(ota_units(torch.full((40,), 7.0), 300), [6] * 40)
+    # Every stage of T = 6 with n = 10: k_real (4.6, 4.2, 3.9) -> k = (4, 4, 3), eq. 2, then cap.
+    k_real = torch.tensor([4.6, 4.2, 3.9])
+    expected = [
+        [Fraction(3, 2), Fraction(3, 2), 1],  # 0.5 -> 1; sum 4
+        [2, 2, 1],
+        [Fraction(5, 2), Fraction(5, 2), Fraction(3, 2)],  # 6.5
+        [3, 3, 2],  # exactly 8: not capped
+        [Fraction(56, 19), Fraction(56, 19), Fraction(40, 19)],  # (3.5, 3.5, 2.5) x 8 / 9.5
+        [Fraction(32, 11), Fraction(32, 11), Fraction(24, 11)],  # (4, 4, 3) x 8 / 11
+    ]
+    for stage in range(6):
+        units = ota_units(k_real, 10, offset=unit_increase_offset(stage, 6))
+        assert_units(units, expected[stage])
+    # n = 20 (budget 16): nothing is capped, the last two stages keep eq. 2's units.
+    assert_units(ota_units(k_real, 20, offset=0.5), [3.5, 3.5, 2.5])
+    assert_units(ota_units(k_real, 20), [4, 4, 3])
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_cap_units_uses_the_largest_common_factor(seed):
+@pytest.mark.parametrize("seed", range(3))
+def test_cap_units_is_one_common_factor(seed):
     g = torch.Generator().manual_seed(seed)
-    m = int(torch.randint(1, 8, (1,), generator=g))
-    units = torch.randint(1, 9, (m,), generator=g)
-    budget = int(torch.randint(m, int(units.sum()) + 2, (1,), generator=g))
-    capped = cap_units(units, budget)
-    assert int(capped.sum()) <= budget and (capped >= 1).all() and (capped <= units).all()
+    units = 1 + torch.rand(int(torch.randint(1, 30, (1,), generator=g)), generator=g).double() * 7
+    for budget in (0.5 * float(units.sum()), float(units.sum()), 2.0 * float(units.sum()), 3.7):
+        capped = cap_units(units, budget)
+        torch.testing.assert_close(capped.sum(), units.sum().clamp(max=budget), rtol=1e-12, atol=0)
+        ratio = capped / units
+        torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-12, atol=0)
+        assert (capped <= units).all()
 
-    def scaled(s):
-        return [max(1, int(Fraction(int(k)) * s)) for k in units]
 
-    # Same as some common factor, and no factor in (0, 1] fits the budget with more units.
-    factors = [Fraction(j, int(k)) for k in units for j in range(1, int(k) + 1)]
-    fitting = [f for f in factors if sum(scaled(f)) <= budget]
-    assert capped.tolist() == (scaled(max(fitting)) if fitting else [1] * m)
+def test_assign_by_plan_rescales_each_supplier_row():
+    # OTA's rounding: GT 0 spreads its unit over predictions 0-2 (row max 0.45), the background
+    # (supply 2) takes most of predictions 0 and 1 in plain numbers. Divided by the row maxima
+    # (0.45, 0.9, 0.8), predictions 0 and 1 go to GT 0; the plain argmax gives them to the
+    # background, and the repair of the then unmatched GT 0 gives it prediction 0 only.
+    plan = torch.tensor(
+        [
+            [0.45, 0.45, 0.10, 0.00],  # GT 0, supply 1
+            [0.00, 0.00, 0.10, 0.90],  # GT 1, supply 1
+            [0.55, 0.55, 0.80, 0.10],  # background, supply 2
+        ]
+    )
+    assert assign_by_plan(plan).tolist() == [0, 0, 2, 1]
+    assert plan.argmax(dim=0).tolist() == [2, 2, 2, 1]
+    assert ensure_every_gt_matched(plan.argmax(dim=0), plan, 2).tolist() == [0, 2, 2, 1]
+    # A supplier with nothing to give (a zero row) never wins and gives no NaN.
+    zero_bg = torch.cat([plan[:2], torch.zeros(1, 4)])
+    assert assign_by_plan(zero_bg).tolist() == [0, 0, 0, 1]
+
+
+def test_ota_matcher_reads_the_plan_as_ota(monkeypatch):
+    import sparse_rcnn.ota as ota
+
+    plan = torch.tensor(
+        [[0.45, 0.45, 0.10, 0.00], [0.00, 0.00, 0.10, 0.90], [0.55, 0.55, 0.80, 0.10]]
+    )
+    seen = {}
+
+    def fake_sinkhorn(cost, supply, **kwargs):
+        seen["shape"] = tuple(cost.shape)
+        return plan[None]
+
+    monkeypatch.setattr(ota, "sinkhorn", fake_sinkhorn)
+    logits, boxes, targets = random_inputs(1, 4, [2], seed=9)
+    ((pred_idx, gt_idx),) = OTAMatcher(max_positive_fraction=1.0)(logits, boxes, targets, 5)
+    assert seen["shape"] == (1, 3, 4)
+    assert pred_idx.tolist() == [0, 1, 3] and gt_idx.tolist() == [0, 0, 1]
 
 
 def test_ensure_every_gt_matched():
@@ -282,7 +360,8 @@ def test_ensure_every_gt_matched():
 def test_ota_matcher_random_boxes(clustered):
     num_preds, num_gts, num_stages = 40, [6, 0, 3], 6
     logits, boxes, targets = random_inputs(3, num_preds, num_gts, seed=3, clustered=clustered)
-    # Exactly sum(k*) positives and k*_i per GT for a small eps; approximately for the default.
+    # Every GT gets floor(k*_i) or ceil(k*_i) predictions for a small eps (k* may be fractional);
+    # within ``tolerance`` of that for the default.
     for eps, iters, tolerance in [(0.01, 1000, 0), (0.1, 50, 2)]:
         matcher = OTAMatcher(num_stages=num_stages, sinkhorn_eps=eps, sinkhorn_iters=iters)
         for stage in range(num_stages):
@@ -297,8 +376,9 @@ def test_ota_matcher_random_boxes(clustered):
                 units = matcher.units(boxes[b], target["boxes"], stage)
                 counts = torch.bincount(gt_idx, minlength=m)
                 assert (counts >= 1).all(), "every GT gets a prediction"
-                assert int((counts - units).abs().max()) <= tolerance
-                assert abs(len(pred_idx) - int(units.sum())) <= tolerance * m
+                low, high = units.floor() - tolerance, units.ceil() + tolerance
+                assert ((counts >= low) & (counts <= high)).all()
+                assert float(low.sum()) <= len(pred_idx) <= float(high.sum())
     if clustered:  # the last stage of the clustered case gives several units
         assert int(matcher.units(boxes[0], targets[0]["boxes"], 5).max()) >= 3
 

@@ -16,7 +16,8 @@ from .criterion import SPARSE_RCNN_CRITERION_REGISTRY, SetCriterion, build_crite
 from .detector import SparseRCNN
 from .dynamic_proposals import DynamicProposalGenerator
 from .head import SPARSE_RCNN_HEAD_REGISTRY, DynamicConv, DynamicHead, DynamicStage
-from .matcher import SPARSE_RCNN_MATCHER_REGISTRY, HungarianMatcher, OTAMatcher, build_matcher
+from .matcher import SPARSE_RCNN_MATCHER_REGISTRY, HungarianMatcher, build_matcher
+from .ota import OTAMatcher
 from .proposals import SPARSE_RCNN_PROPOSAL_REGISTRY, LearnableProposals
 from .solver import build_optimizer
 

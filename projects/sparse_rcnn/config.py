@@ -73,14 +73,16 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
     _C.OTA = CN()
     _C.OTA.SINKHORN_EPS = 0.1  # entropic regularisation of the Sinkhorn-Knopp solver (OTA: 0.1)
     _C.OTA.SINKHORN_ITERS = 50  # Sinkhorn-Knopp iterations (OTA: 50)
-    # Dynamic k: k = max(1, floor(sum of each GT's top-q IoUs with the predictions)) (paper: q = 8).
+    # Dynamic k: k = max(1, int(sum of each GT's top-q IoUs with the predictions)), as OTA converts
+    # it (paper: q = 8).
     _C.OTA.TOP_Q = 8
     # > 0: every GT supplies this fixed k instead of the dynamic k (paper table 3, "fixed k").
     _C.OTA.FIXED_K = 0
-    # At most this fraction of the proposals is positive (paper: 80%, i.e. >= 20% negatives).
+    # At most this fraction of the proposals is positive (paper: 80%, i.e. >= 20% negatives): if
+    # the units k* sum to more than this x N, all are scaled by one factor to sum to that.
     _C.OTA.MAX_POSITIVE_FRACTION = 0.8
-    # Unit increasing strategy (eq. 2): k* = k - UNIT_STEP * (T - t) at stage t = 1 ... T, rounded
-    # down once after the subtraction, >= 1 (paper: on, step 0.5).
+    # Unit increasing strategy (eq. 2): k* = max(1, k - UNIT_STEP * (T - t)) at stage t = 1 ... T,
+    # on the integer k, not rounded (fractional supplies, e.g. 3.5) (paper: on, step 0.5).
     _C.OTA.UNIT_INCREASING = True
     _C.OTA.UNIT_STEP = 0.5
     # alpha of eq. 1: positive cost = class cost + alpha * (L1 + GIoU terms, weighted by L1_WEIGHT
