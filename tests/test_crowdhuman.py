@@ -14,7 +14,7 @@ import torch
 from conftest import CONFIG_DIR, REPO_ROOT, TINY_CONFIG, make_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 
@@ -320,7 +320,8 @@ def test_odgt_loader(small_odgt):
     assert [d["image_id"] for d in dicts] == ["273271,c9db000d5146c15", "b"]
     first, second = dicts
     assert first["file_name"] == str(small_odgt / "Images" / "273271,c9db000d5146c15.jpg")
-    assert (first["height"], first["width"]) == (48, 64) and (second["height"], second["width"]) == (40, 30)
+    assert (first["height"], first["width"]) == (48, 64)
+    assert (second["height"], second["width"]) == (40, 30)
     annos = first["annotations"]
     assert [a["bbox"] for a in annos] == [[4, 5, 10, 20], [-10, 30, 25, 40], [30, 2, 8, 8],
                                           [40, 10, 20, 30], [50, 0, 20, 10]]  # fmt: skip
@@ -359,7 +360,7 @@ def test_malformed_lines_name_file_and_line(small_odgt):
     with pytest.raises(ValueError, match=r"bad\.odgt:3: not valid JSON"):
         load_crowdhuman_odgt(path, small_odgt / "Images")
     write_odgt(path, [{"ID": "b", "gtboxes": []}, {"ID": "b", "gtboxes": [person([1, 2, 3])]}])
-    with pytest.raises(ValueError, match=r"bad\.odgt:2, gtboxes\[0\]: 'fbox' must be \[x, y, w, h\]"):
+    with pytest.raises(ValueError, match=r"bad\.odgt:2, gtboxes\[0\]: 'fbox' must be \[x, y, w"):
         load_crowdhuman_odgt(path, small_odgt / "Images")
     write_odgt(path, [{"gtboxes": []}])
     with pytest.raises(ValueError, match=r"bad\.odgt:1: missing or empty 'ID'"):
@@ -387,5 +388,211 @@ def test_registered_layouts(tmp_path, monkeypatch):
     write_jpg(root / "Images" / "t.jpg", 10, 10)  # the release's: all images in Images/
     write_odgt(root / "annotation_val.odgt", [{"ID": "v", "gtboxes": []}])
     write_odgt(root / "annotation_train.odgt", [{"ID": "t", "gtboxes": []}])
-    assert DatasetCatalog.get("crowdhuman_val")[0]["file_name"] == str(root / "CrowdHuman_val" / "v.jpg")
-    assert DatasetCatalog.get("crowdhuman_train")[0]["file_name"] == str(root / "Images" / "t.jpg")
+    (val,), (train,) = DatasetCatalog.get("crowdhuman_val"), DatasetCatalog.get("crowdhuman_train")
+    assert val["file_name"] == str(root / "CrowdHuman_val" / "v.jpg")
+    assert train["file_name"] == str(root / "Images" / "t.jpg")
+
+
+# ---------------------------------------------------------------------------------------------
+# A generated crowded set: more people per image than COCOEvaluator's 100 detections.
+
+E2E = "crowdhuman_e2e"
+
+
+def generate_crowded_split(root, split, num_images, seed):
+    """128x128 images of overlapping "people" (filled rectangles, later ones in front) on a
+    jittered grid, 60-130 per image (the first image more than 100), some reaching out of the
+    image, plus two "mask" regions and a few ignored people. Returns the odgt path."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for index in range(num_images):
+        num_people = 130 if index == 0 else int(rng.integers(60, 130))
+        canvas = np.full((128, 128, 3), rng.integers(0, 80), dtype=np.uint8)
+        cells = rng.permutation(13 * 11)[:num_people]
+        gtboxes = []
+        for cell in cells:
+            w, h = int(rng.integers(8, 14)), int(rng.integers(18, 30))
+            x = int(cell % 13) * 10 - 4 + int(rng.integers(-3, 4))
+            y = int(cell // 13) * 12 - 6 + int(rng.integers(-3, 4))
+            colour = rng.integers(90, 255, 3).tolist()
+            cv2.rectangle(canvas, (x, y), (x + w - 1, y + h - 1), colour, thickness=-1)
+            cv2.circle(canvas, (x + w // 2, y + 3), 2, (0, 0, 0), thickness=-1)  # a "head"
+            ignore = int(rng.random() < 0.03)
+            gtboxes.append(person([x, y, w, h], ignore=ignore))
+        for _ in range(2):
+            x, y = rng.integers(0, 100, 2).tolist()
+            gtboxes.append(person([x, y, 24, 24], tag="mask", ignore=1))
+        image_id = f"{split}_{index:03d},{seed:x}"
+        cv2.imwrite(str(root / "Images" / f"{image_id}.jpg"), canvas)
+        records.append({"ID": image_id, "gtboxes": gtboxes})
+    path = root / f"annotation_{split}.odgt"
+    write_odgt(path, records)
+    return path
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crowdhuman")
+    (root / "Images").mkdir()
+    paths = {
+        "train": generate_crowded_split(root, "train", 4, seed=1),
+        "val": generate_crowded_split(root, "val", 2, seed=2),
+    }
+    for split, path in paths.items():
+        register_crowdhuman(f"{E2E}_{split}", path, root / "Images")
+    yield root
+    for split in paths:
+        DatasetCatalog.remove(f"{E2E}_{split}")
+        MetadataCatalog.remove(f"{E2E}_{split}")
+
+
+# The model sizes of the tiny CPU config; everything else (500 proposals, 1 class, the solver,
+# the test-time detections) comes from the CrowdHuman config.
+TINY_KEYS = (
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "MODEL.RESNETS.WIDTH_PER_GROUP", "MODEL.FPN.OUT_CHANNELS", "MODEL.SPARSE_RCNN.HIDDEN_DIM",
+    "MODEL.SPARSE_RCNN.NHEADS", "MODEL.SPARSE_RCNN.DIM_FEEDFORWARD",
+    "MODEL.SPARSE_RCNN.DIM_DYNAMIC", "INPUT.MIN_SIZE_TRAIN", "INPUT.MAX_SIZE_TRAIN",
+    "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST", "DATALOADER.NUM_WORKERS",
+)  # fmt: skip
+
+
+def cpu_opts(output_dir):
+    tiny = make_cfg(TINY_CONFIG)
+    opts = []
+    for key in TINY_KEYS:
+        value = tiny
+        for part in key.split("."):
+            value = getattr(value, part)
+        opts += [key, str(value)]
+    return opts + [
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(output_dir),
+        "DATASETS.TRAIN", f"('{E2E}_train',)", "DATASETS.TEST", f"('{E2E}_val',)",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.0001", "SOLVER.MAX_ITER", "2",
+        "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "100",
+        "TEST.EVAL_PERIOD", "0", "SEED", "1",
+    ]  # fmt: skip
+
+
+def run_train_net(argv):
+    sys.path.insert(0, str(REPO_ROOT))
+    import train_net
+
+    torch.set_num_threads(1)
+    return train_net.main(default_argument_parser().parse_args(argv))
+
+
+def test_crowdhuman_config():
+    cfg = make_cfg(CROWDHUMAN_CONFIG)
+    assert cfg.MODEL.SPARSE_RCNN.NUM_PROPOSALS == 500 and cfg.MODEL.SPARSE_RCNN.NUM_CLASSES == 1
+    assert cfg.DATASETS.TRAIN == ("crowdhuman_train",) and cfg.DATASETS.TEST == ("crowdhuman_val",)
+    # 50 epochs of 15000 images at 16 per step, LR / 10 after 40 epochs
+    assert cfg.SOLVER.IMS_PER_BATCH == 16
+    assert cfg.SOLVER.MAX_ITER * 16 == 50 * 15000 and cfg.SOLVER.STEPS == (40 * 15000 // 16,)
+    assert min(cfg.INPUT.MIN_SIZE_TRAIN) == 640 and max(cfg.INPUT.MIN_SIZE_TRAIN) == 800
+    assert cfg.INPUT.MAX_SIZE_TRAIN == 1500 and cfg.INPUT.MIN_SIZE_TEST == 800
+    assert not cfg.INPUT.CROP.ENABLED
+    assert cfg.TEST.DETECTIONS_PER_IMAGE >= cfg.MODEL.SPARSE_RCNN.NUM_PROPOSALS
+    evaluator = build_sparse_rcnn_evaluator(cfg, "crowdhuman_val", output_folder="unused")
+    assert isinstance(evaluator, CrowdHumanEvaluator)
+
+
+def gt_images(dataset_name):
+    out = {}
+    for d in DatasetCatalog.get(dataset_name):
+        boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                  a["bbox"][1] + a["bbox"][3]] for a in d["annotations"]]  # fmt: skip
+        ignore = [a["iscrowd"] for a in d["annotations"]]
+        out[d["image_id"]] = image(boxes, ignore, height=d["height"], width=d["width"])
+    return out
+
+
+def test_train_and_eval_only_report_crowdhuman_metrics(crowded, tmp_path):
+    opts = cpu_opts(tmp_path)
+    run_train_net(["--config-file", str(CROWDHUMAN_CONFIG), *opts])
+    # the evaluation at the end of training (EvalHook) went to metrics.json
+    logged = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    trained = {k: v for r in logged for k, v in r.items() if k.startswith("crowdhuman/")}
+    weights = str(tmp_path / "model_final.pth")
+    evaluated = run_train_net(
+        ["--config-file", str(CROWDHUMAN_CONFIG), "--eval-only", *opts, "MODEL.WEIGHTS", weights]
+    )
+    assert set(evaluated) == {"crowdhuman"}
+    metrics = evaluated["crowdhuman"]
+    assert set(metrics) == {"AP", "mMR", "Recall"}
+    # the same weights give the same metrics
+    assert trained == pytest.approx({f"crowdhuman/{k}": v for k, v in metrics.items()})
+    assert all(0 <= metrics[k] <= 100 for k in ("AP", "mMR", "Recall"))
+
+    # Every detection was kept: 500 proposals, more than 100 per image (no COCO-style cap)
+    gts = gt_images(f"{E2E}_val")
+    assert max(int((~g["gt_ignore"]).sum()) for g in gts.values()) > 100
+    results = tmp_path / "inference" / f"{E2E}_val" / "crowdhuman_results.odgt"
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["ID"] for r in records] == list(gts)
+    for r in records:
+        assert 100 < len(r["dtboxes"]) <= 500
+        assert (r["height"], r["width"]) == (128, 128) and all(b["tag"] == 1 for b in r["dtboxes"])
+    # The written odgt results, scored by the brute-force reference, give the reported metrics
+    for r in records:
+        gts[r["ID"]]["dt_boxes"] = np.array([[x, y, x + w, y + h] for x, y, w, h in
+                                             (b["box"] for b in r["dtboxes"])])  # fmt: skip
+        gts[r["ID"]]["dt_scores"] = np.array([b["score"] for b in r["dtboxes"]])
+    ref = reference_metrics(list(gts.values()))
+    for key in ("AP", "mMR", "Recall"):
+        assert metrics[key] == pytest.approx(100 * ref[key], abs=1e-6), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Across processes: the evaluator gathers every process's predictions on the main process. Two
+# ranks are simulated in one process (Detectron2's comm.gather itself is Detectron2's to test).
+
+
+def fake_predictions(dataset_name):
+    """Deterministic detections per image: jittered ground truth plus random boxes."""
+    generator = torch.Generator().manual_seed(0)
+    inputs, outputs = [], []
+    for d in DatasetCatalog.get(dataset_name):
+        gt = torch.tensor([a["bbox"] for a in d["annotations"]], dtype=torch.float32)
+        gt[:, 2:] += gt[:, :2]
+        noisy = gt + torch.randn(gt.shape, generator=generator) * 2
+        xy = torch.rand(40, 2, generator=generator) * 110
+        boxes = torch.cat([noisy, torch.cat([xy, xy + 15], dim=1)])
+        instances = Instances((d["height"], d["width"]))
+        instances.pred_boxes = Boxes(boxes)
+        instances.scores = torch.rand(len(boxes), generator=generator)
+        instances.pred_classes = torch.zeros(len(boxes), dtype=torch.long)
+        inputs.append({"image_id": d["image_id"], "height": d["height"], "width": d["width"]})
+        outputs.append({"instances": instances})
+    return inputs, outputs
+
+
+def test_evaluator_across_processes(crowded, monkeypatch):
+    name = f"{E2E}_val"
+    inputs, outputs = fake_predictions(name)
+    single = CrowdHumanEvaluator(name)
+    single.process(inputs, outputs)
+    expected = single.evaluate()  # world size 1
+
+    sent = []
+    monkeypatch.setattr(comm, "synchronize", lambda: None)
+    # rank 1: hands its predictions to the main process and reports nothing
+    monkeypatch.setattr(comm, "gather", lambda data, dst=0: sent.append(data) or [])
+    monkeypatch.setattr(comm, "is_main_process", lambda: False)
+    rank1 = CrowdHumanEvaluator(name)
+    rank1.process(inputs[1::2], outputs[1::2])
+    assert rank1.evaluate() == {} and len(sent) == 1
+    # rank 0 (main): its own predictions and rank 1's, images interleaved across the two
+    monkeypatch.setattr(comm, "gather", lambda data, dst=0: [data, sent[0]])
+    monkeypatch.setattr(comm, "is_main_process", lambda: True)
+    rank0 = CrowdHumanEvaluator(name)
+    rank0.process(inputs[::2], outputs[::2])
+    assert rank0.evaluate() == expected and 0 < expected["crowdhuman"]["AP"] < 100
+    # without the gather, one process that saw half of the images scores the rest as missed
+    half = CrowdHumanEvaluator(name, distributed=False)
+    half.process(inputs[::2], outputs[::2])
+    assert half.evaluate()["crowdhuman"]["Recall"] < expected["crowdhuman"]["Recall"]
+    # the same image from two processes is an error, not a double count
+    monkeypatch.setattr(comm, "gather", lambda data, dst=0: [data, data])
+    with pytest.raises(ValueError, match="predicted twice"):
+        rank0.evaluate()
