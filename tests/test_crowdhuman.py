@@ -28,6 +28,7 @@ from sparse_rcnn.crowdhuman_evaluation import (
     match_image,
 )
 from sparse_rcnn.engine import build_sparse_rcnn_evaluator
+from sparse_rcnn.evaluation import PerStageEvaluator
 
 CROWDHUMAN_CONFIG = CONFIG_DIR / "sparse_rcnn_R_50_FPN_500pro_crowdhuman.yaml"
 
@@ -365,6 +366,9 @@ def test_malformed_lines_name_file_and_line(small_odgt):
     write_odgt(path, [{"gtboxes": []}])
     with pytest.raises(ValueError, match=r"bad\.odgt:1: missing or empty 'ID'"):
         load_crowdhuman_odgt(path, small_odgt / "Images")
+    write_odgt(path, [{"ID": "b", "gtboxes": []}, {"ID": "c"}, {"ID": "b", "gtboxes": []}])
+    with pytest.raises(ValueError, match=r"bad\.odgt:3: image ID 'b' already annotated on line 1"):
+        load_crowdhuman_odgt(path, small_odgt / "Images")
 
 
 def test_missing_dataset_names_detectron2_datasets_and_layout(tmp_path, monkeypatch):
@@ -495,6 +499,12 @@ def test_crowdhuman_config():
     assert cfg.TEST.DETECTIONS_PER_IMAGE >= cfg.MODEL.SPARSE_RCNN.NUM_PROPOSALS
     evaluator = build_sparse_rcnn_evaluator(cfg, "crowdhuman_val", output_folder="unused")
     assert isinstance(evaluator, CrowdHumanEvaluator)
+    # per-stage evaluation uses the CrowdHuman protocol too
+    cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE = True
+    per_stage = build_sparse_rcnn_evaluator(cfg, "crowdhuman_val", output_folder="unused")
+    assert isinstance(per_stage, PerStageEvaluator)
+    evaluators = [per_stage.main_evaluator, *per_stage.stage_evaluators]
+    assert len(evaluators) == 7 and all(isinstance(e, CrowdHumanEvaluator) for e in evaluators)
 
 
 def gt_images(dataset_name):

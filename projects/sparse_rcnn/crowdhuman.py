@@ -145,7 +145,7 @@ def _parse_record(record: dict, where: str) -> Tuple[str, List[dict]]:
         at = f"{where}, gtboxes[{index}]"
         if not isinstance(gtbox, dict) or "tag" not in gtbox:
             raise ValueError(f"{at}: expected an object with 'tag' and 'fbox', got {gtbox!r}")
-        extra = gtbox.get("extra", {})
+        extra = gtbox.get("extra") or {}
         if not isinstance(extra, dict):
             raise ValueError(f"{at}: 'extra' must be an object, got {extra!r}")
         anno = {
@@ -154,9 +154,11 @@ def _parse_record(record: dict, where: str) -> Tuple[str, List[dict]]:
             "category_id": 0,
             "iscrowd": int(_is_ignore(gtbox)),
         }
-        for key in ("vbox", "hbox"):
-            if key in gtbox:
+        for key in ("vbox", "hbox"):  # not used here: kept where well-formed, else left out
+            try:
                 anno[key] = _box(gtbox, key, at)
+            except ValueError:
+                pass
         annotations.append(anno)
     return image_id, annotations
 
@@ -200,7 +202,8 @@ def load_crowdhuman_odgt(odgt_file, image_roots) -> List[dict]:
         "height", "width" and "annotations", each with "bbox" (the full-body box ``fbox``,
         XYWH_ABS, as annotated: it may reach outside the image), "bbox_mode", "category_id" (0,
         person), "iscrowd" (1 for an ignore region: tag "mask" or ``extra.ignore`` 1) and, where
-        present, the visible and head boxes "vbox", "hbox" (XYWH).
+        well-formed, the visible and head boxes "vbox", "hbox" (XYWH; not used for training or
+        evaluation).
 
     Raises:
         FileNotFoundError: the annotation file, the image folder or an image is missing (the
@@ -214,9 +217,16 @@ def load_crowdhuman_odgt(odgt_file, image_roots) -> List[dict]:
     if not odgt_file.is_file():
         raise FileNotFoundError(_missing_dataset_message("annotation file", odgt_file))
     start = time.perf_counter()
-    parsed = [
-        _parse_record(record, f"{odgt_file}:{lineno}") for lineno, record in read_odgt(odgt_file)
-    ]
+    parsed, first_line = [], {}
+    for lineno, record in read_odgt(odgt_file):
+        image_id, annotations = _parse_record(record, f"{odgt_file}:{lineno}")
+        if image_id in first_line:
+            raise ValueError(
+                f"{odgt_file}:{lineno}: image ID {image_id!r} already annotated on line "
+                f"{first_line[image_id]}"
+            )
+        first_line[image_id] = lineno
+        parsed.append((image_id, annotations))
     image_root = _resolve_image_root(image_roots, parsed[0][0] if parsed else None)
     dataset_dicts = []
     for image_id, annotations in parsed:
