@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIG_DIR, REPO_ROOT, TINY_CONFIG, make_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import detection_utils
+from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils
 from detectron2.engine import default_argument_parser
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm

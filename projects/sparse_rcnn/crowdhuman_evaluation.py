@@ -36,7 +36,7 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
@@ -48,6 +48,7 @@ __all__ = [
     "match_image",
     "crowdhuman_metrics",
     "CrowdHumanEvaluator",
+    "is_crowdhuman_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,12 @@ def crowdhuman_metrics(
     with np.errstate(divide="ignore"):
         mmr = float(np.exp(np.log(miss_rate[index]).mean()))
     return {"AP": ap, "mMR": mmr, "Recall": float(recall[-1]), **result}
+
+
+def is_crowdhuman_dataset(dataset_name: str) -> bool:
+    """Whether the dataset's metadata asks for this protocol (``evaluator_type == "crowdhuman"``,
+    as ``crowdhuman_train``/``_val`` and every ``register_crowdhuman`` dataset have)."""
+    return MetadataCatalog.get(dataset_name).get("evaluator_type") == "crowdhuman"
 
 
 def _ground_truth(dataset_dict: dict) -> Tuple[np.ndarray, np.ndarray]:

@@ -4,13 +4,12 @@ import functools
 import logging
 import os
 
-from detectron2.data import MetadataCatalog
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
-from .crowdhuman_evaluation import CrowdHumanEvaluator
+from .crowdhuman_evaluation import CrowdHumanEvaluator, is_crowdhuman_dataset
 from .evaluation import PerStageEvaluator
 
 from .builtin_datasets import prepare_builtin_dataset
@@ -47,7 +46,7 @@ def build_sparse_rcnn_evaluator(cfg, dataset_name: str, output_folder=None):
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
 
     def make_evaluator(folder):
-        if MetadataCatalog.get(dataset_name).get("evaluator_type") == "crowdhuman":
+        if is_crowdhuman_dataset(dataset_name):
             return CrowdHumanEvaluator(dataset_name, output_dir=folder)
         return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=folder)
 
