@@ -11,6 +11,8 @@ from .builtin_datasets import (
     register_synthetic_shapes,
 )
 from .config import add_sparse_rcnn_config
+from .crowdhuman import register_all_crowdhuman, register_crowdhuman
+from .crowdhuman_evaluation import CrowdHumanEvaluator
 from .dataset_mapper import SparseRCNNDatasetMapper, build_sparse_rcnn_augmentation
 from .criterion import SPARSE_RCNN_CRITERION_REGISTRY, SetCriterion, build_criterion
 from .detector import SparseRCNN
@@ -22,5 +24,6 @@ from .proposals import SPARSE_RCNN_PROPOSAL_REGISTRY, LearnableProposals
 from .solver import build_optimizer
 
 register_synthetic_shapes()  # lazy: files are generated on first load / prepare_synthetic_shapes()
+register_all_crowdhuman()  # lazy: crowdhuman_{train,val} under $DETECTRON2_DATASETS, read on load
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

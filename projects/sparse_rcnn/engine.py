@@ -9,6 +9,7 @@ from detectron2.engine import defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
+from .crowdhuman_evaluation import CrowdHumanEvaluator, is_crowdhuman_dataset
 from .evaluation import PerStageEvaluator
 
 from .builtin_datasets import prepare_builtin_dataset
@@ -35,12 +36,18 @@ def build_sparse_rcnn_evaluator(cfg, dataset_name: str, output_folder=None):
     """COCOEvaluator (box AP) on ``dataset_name``; generates a built-in dataset first if needed.
 
     With ``MODEL.SPARSE_RCNN.EVAL_PER_STAGE`` every stage is evaluated too (``bbox_stage{t}``).
+
+    Datasets whose metadata has ``evaluator_type == "crowdhuman"`` (``crowdhuman_train``/``_val``)
+    get :class:`CrowdHumanEvaluator` (AP, mMR, Recall of the official protocol) instead of COCO
+    AP (per stage too: ``crowdhuman_stage{t}``).
     """
     prepare_builtin_dataset(dataset_name)
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
 
     def make_evaluator(folder):
+        if is_crowdhuman_dataset(dataset_name):
+            return CrowdHumanEvaluator(dataset_name, output_dir=folder)
         return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=folder)
 
     evaluator = make_evaluator(output_folder)
