@@ -226,6 +226,14 @@ def test_missing_and_corrupt_checkpoints_are_reported_with_their_path(tmp_path):
     cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS = str(tmp_path), ""
     with pytest.raises(checks.CorruptCheckpointError, match=str(path)):
         load_model_weights(model, cfg, resume=True)
+    # A run killed while writing last_checkpoint leaves it empty: the newest checkpoint is used.
+    trained = build_tiny_model(seed=1)
+    torch.save({"model": trained.state_dict()}, tmp_path / "model_0000003.pth")
+    path.unlink()
+    (tmp_path / "last_checkpoint").write_text("")
+    load_model_weights(model, cfg, resume=True)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert_same(model.state_dict(), trained.state_dict())
 
 
 # ------------------------------------------------------------------------------------------------
