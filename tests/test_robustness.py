@@ -293,7 +293,7 @@ def assert_same(a, b):
 def test_a_nan_step_is_skipped_and_weights_and_optimizer_are_unchanged(which, records):
     log = records("sparse_rcnn.engine")
     trainer = make_trainer(build_tiny_model(seed=0))
-    with EventStorage(0):
+    with EventStorage(0) as storage:
         trainer.iter = 0
         trainer.run_step()  # a normal step: the weights move, Adam has state
         weights, optimizer_state = snapshot(trainer)
@@ -315,6 +315,7 @@ def test_a_nan_step_is_skipped_and_weights_and_optimizer_are_unchanged(which, re
         trainer.iter = 2
         trainer.run_step()  # finite again: trained as usual
         assert trainer.consecutive_skips == 0 and trainer.skipped_steps == 1
+        assert [v for v, _ in storage.history("skipped_steps").values()] == [1]
         moved = snapshot(trainer)[0]
         assert any(not torch.equal(moved[k], weights[k]) for k in weights)
 

@@ -12,6 +12,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.engine import SimpleTrainer, defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
 from .evaluation import PerStageEvaluator
@@ -225,6 +226,7 @@ class NonFiniteSkippingTrainer(SimpleTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         self.consecutive_skips += 1
         self.skipped_steps += 1
+        get_event_storage().put_scalar("skipped_steps", self.skipped_steps, smoothing_hint=False)
         lr = self.optimizer.param_groups[0]["lr"]
         logger.warning(
             f"Iteration {self.iter}: {problem}; step skipped, weights and optimizer state "
