@@ -13,24 +13,29 @@ AdamW with a backbone LR multiplier and full-model gradient clipping, and COCOEv
 import logging
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.utils import comm
 
 from sparse_rcnn import add_sparse_rcnn_config
+from sparse_rcnn.checks import apply_cpu_threads, check_device, cpu_threads_per_process
 from sparse_rcnn.engine import (
+    RobustTrainerMixin,
     build_sparse_rcnn_evaluator,
     build_sparse_rcnn_test_loader,
     build_sparse_rcnn_train_loader,
     enable_cpu_distributed_training,
+    load_model_weights,
+    setup_package_logger,
 )
 from sparse_rcnn.solver import build_optimizer
 
 logger = logging.getLogger("detectron2")
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with Sparse R-CNN's data mapper, optimizer and evaluator."""
+class Trainer(RobustTrainerMixin, DefaultTrainer):
+    """DefaultTrainer with Sparse R-CNN's data mapper, optimizer and evaluator, pre-flight checks,
+    non-finite steps skipped and a data order that ``--resume`` continues (RobustTrainerMixin)."""
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -55,8 +60,7 @@ def setup(args):
     add_sparse_rcnn_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    check_device(cfg)  # CUDA asked for but not available: an error that says how to use the CPU
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda") and not args.eval_only:
         raise ValueError(
             "SOLVER.AMP.ENABLED needs a CUDA device (Detectron2's AMPTrainer trains with CUDA "
@@ -64,24 +68,25 @@ def setup(args):
         )
     cfg.freeze()
     default_setup(cfg, args)
+    setup_package_logger(cfg.OUTPUT_DIR)
     if cfg.MODEL.DEVICE == "cpu":
-        # Late in Dynamic Sparse R-CNN training, subnormal floats made CPU steps 2.3x slower
-        # (0.9 s vs 0.39 s, benchmarks/ablate_dynamic.py --late-steps). Flushing them to zero is a
+        # Late in Dynamic Sparse R-CNN training, subnormal floats made CPU steps about 2.3x slower
+        # (0.9 s vs 0.39 s from a trained quick-config model, measured when issue 13 was filed;
+        # re-measure with benchmarks/ablate_dynamic.py --late-steps). Flushing them to zero is a
         # per-process setting of the runtime, so it is made here, not inside the model.
         torch.set_flush_denormal(True)
-    if cfg.MODEL.DEVICE == "cpu":
-        logger.info("No CUDA device: running on the CPU.")
+        logger.info("MODEL.DEVICE cpu: running on the CPU.")
     return cfg
 
 
 def main(args):
     cfg = setup(args)
     enable_cpu_distributed_training()
+    if comm.get_world_size() > 1:
+        apply_cpu_threads()  # each process its share of the cores (cpu_threads_per_process)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        load_model_weights(model, cfg, resume=args.resume)
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -91,6 +96,7 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    cpu_threads_per_process(args.num_gpus)  # each local process its share of the cores
     launch(
         main,
         args.num_gpus,

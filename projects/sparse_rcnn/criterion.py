@@ -108,6 +108,8 @@ class SetCriterion(nn.Module):
         self.deep_supervision = deep_supervision
         self.normalize_by = normalize_by
         self.one_to_one_matcher = one_to_one_matcher
+        # Set by every forward: where the predictions were first non-finite, or None.
+        self.non_finite: Optional[str] = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -200,6 +202,12 @@ class SetCriterion(nn.Module):
             return self._losses(stage_outputs, targets, device)
 
     def _losses(self, stage_outputs, targets, device) -> Dict[str, torch.Tensor]:
+        # Non-finite predictions (a diverging run) are reported where they first appear and
+        # replaced before matching, so the matcher and the losses never see NaN; the trainer
+        # skips the step (sparse_rcnn.engine.NonFiniteSkippingTrainer reads ``non_finite``).
+        self.non_finite = first_non_finite_stage(stage_outputs)
+        if self.non_finite is not None:
+            stage_outputs = [replace_non_finite(out, targets) for out in stage_outputs]
         normalizer = self.average_over_processes(sum(len(t["labels"]) for t in targets), device)
         num_stages = len(stage_outputs)
         stages = range(num_stages) if self.deep_supervision else [num_stages - 1]
@@ -226,6 +234,38 @@ class SetCriterion(nn.Module):
                 )
                 losses.update({names[term] + "_o2o": value for term, value in terms.items()})
         return losses
+
+
+def first_non_finite_stage(stage_outputs: List[Dict[str, torch.Tensor]]) -> Optional[str]:
+    """Where non-finite values first appear among the stages' predictions, e.g.
+    "stage 3 pred_boxes (12 of 80 values)", or None if all are finite."""
+    keys = ("pred_logits", "pred_boxes")
+    all_finite = torch.stack([torch.isfinite(o[k]).all() for o in stage_outputs for k in keys])
+    if bool(all_finite.all()):  # one device sync per step
+        return None
+    for stage, out in enumerate(stage_outputs):
+        bad = []
+        for key in keys:
+            finite = torch.isfinite(out[key])
+            if not bool(finite.all()):
+                bad.append(f"{key} ({int((~finite).sum())} of {finite.numel()} values)")
+        if bad:
+            return f"stage {stage + 1} " + " and ".join(bad)
+    return None
+
+
+def replace_non_finite(out: Dict[str, torch.Tensor], targets: List[Dict]) -> Dict:
+    """The stage's predictions with non-finite logits set to 0 and every box that has a
+    non-finite coordinate set to the whole image (gradients reach only the finite values)."""
+    logits, boxes = out["pred_logits"], out["pred_boxes"]
+    whole_image = torch.stack([t["image_whwh"] for t in targets]).to(boxes)  # (B, 4)
+    whole_image = torch.cat([torch.zeros_like(whole_image[:, :2]), whole_image[:, 2:]], dim=1)
+    box_ok = torch.isfinite(boxes).all(dim=-1, keepdim=True)
+    return {
+        **out,
+        "pred_logits": torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits)),
+        "pred_boxes": torch.where(box_ok, boxes, whole_image[:, None, :].expand_as(boxes)),
+    }
 
 
 def _autocast_disabled(device: torch.device):

@@ -8,6 +8,7 @@ one of ``INPUT.MIN_SIZE_TRAIN`` (long side at most ``INPUT.MAX_SIZE_TRAIN``). In
 to ``INPUT.MIN_SIZE_TEST`` / ``INPUT.MAX_SIZE_TEST``.
 """
 
+import collections
 import logging
 import math
 from typing import List, Optional, Sequence
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 # Short sides of the resize before the random crop, for COCO-size images (official defaults).
 DEFAULT_CROP_RESIZE_SIZES = (400, 500, 600)
+# The training mapper logs one summary of the annotations it dropped after this many images.
+REPORT_DROPPED_AFTER = 500
 
 
 def build_sparse_rcnn_augmentation(
@@ -110,6 +113,10 @@ class SparseRCNNDatasetMapper(DatasetMapper):
             kwargs: the other arguments of ``DatasetMapper`` (masks, keypoints, proposals).
         """
         super().__init__(is_train, augmentations=augmentations, image_format=image_format, **kwargs)
+        # Annotations dropped so far by this mapper (in this process), by reason.
+        self.dropped = collections.Counter()
+        self.num_mapped = 0
+        self.report_after = REPORT_DROPPED_AFTER
 
     @classmethod
     def from_config(
@@ -138,13 +145,22 @@ class SparseRCNNDatasetMapper(DatasetMapper):
         # dataset_dict is the mapper's own deep copy: its annotations can be modified.
         annos = dataset_dict["annotations"]
         valid = [a for a in map(_float_box_annotation, annos) if a is not None]
-        if len(valid) != len(annos):
-            logger.debug(
-                f"Dropped {len(annos) - len(valid)} invalid annotation(s) of "
-                f"{dataset_dict.get('file_name', 'an image')}"
-            )
         dataset_dict["annotations"] = valid
+        kept = [a for a in valid if a.get("iscrowd", 0) == 0]
         super()._transform_annotations(dataset_dict, transforms, image_shape)
+        # Counted, not logged per sample: the trainer's pre-flight check reports the invalid ones
+        # of the whole dataset once (sparse_rcnn.checks.count_invalid_annotations).
+        self.dropped["invalid"] += len(annos) - len(valid)
+        self.dropped["crowd"] += len(valid) - len(kept)
+        if "instances" in dataset_dict:
+            self.dropped["cropped away"] += len(kept) - len(dataset_dict["instances"])
+        self.num_mapped += 1
+        if self.num_mapped == self.report_after:
+            summary = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items()) if n)
+            logger.info(
+                f"The data mapper dropped {sum(self.dropped.values())} annotations in its first "
+                f"{self.num_mapped} training images ({summary or 'none'}); reported once."
+            )
 
     def __call__(self, dataset_dict):
         """

@@ -10,11 +10,11 @@ of ``--input``.
 
 import argparse
 import glob
+import logging
 import os
 from typing import List, Optional
 
 import cv2
-import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
@@ -22,8 +22,12 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
 from .builtin_datasets import prepare_builtin_dataset
+from .checks import check_device, check_weights_file, explain_checkpoint_errors
 from .config import add_sparse_rcnn_config
+from .engine import setup_package_logger
 from .visualization import draw_prediction_beside_ground_truth
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -33,8 +37,7 @@ def setup_cfg(config_file: str, opts: List[str], confidence_threshold: float):
     add_sparse_rcnn_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    check_device(cfg, command="demo.py")
     cfg.MODEL.SPARSE_RCNN.SCORE_THRESH_TEST = confidence_threshold
     cfg.freeze()
     return cfg
@@ -60,16 +63,27 @@ def draw_predictions(
     path: str,
     metadata,
     max_detections: Optional[int] = None,
+    confidence_threshold: Optional[float] = None,
     record: Optional[dict] = None,
 ):
     """Run the predictor on one image file; return (instances, BGR image with boxes drawn).
 
-    Only the ``max_detections`` highest-scoring detections are kept, if given. With the image's
-    dataset ``record``, the ground truth is drawn beside the predictions, both upscaled to read
+    Only detections scoring above ``confidence_threshold`` (if given) are kept, and of those the
+    ``max_detections`` highest-scoring ones (if given). With the image's dataset ``record``, the
+    ground truth is drawn beside the predictions, both upscaled to read
     (:func:`sparse_rcnn.visualization.draw_prediction_beside_ground_truth`).
     """
     image_bgr = read_image(path, format="BGR")
     instances = predictor(image_bgr)["instances"].to("cpu")
+    return render(image_bgr, instances, metadata, max_detections, confidence_threshold, record)
+
+
+def render(
+    image_bgr, instances, metadata, max_detections=None, confidence_threshold=None, record=None
+):
+    """Select detections as :func:`draw_predictions` does; return them and the drawn image."""
+    if confidence_threshold is not None:
+        instances = instances[instances.scores > confidence_threshold]
     if max_detections is not None:
         instances = instances[instances.scores.argsort(descending=True)[:max_detections]]
     if record is not None:
@@ -98,8 +112,20 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    cfg = setup_cfg(args.config_file, args.opts, args.confidence_threshold)
-    predictor = DefaultPredictor(cfg)
+    setup_package_logger()
+    # The model keeps every detection; the threshold is applied here (the same detections, as
+    # top-k, threshold and NMS commute for the kept ones), so that the demo can report the highest
+    # score when nothing passes it.
+    cfg = setup_cfg(args.config_file, args.opts, 0.0)
+    if not cfg.MODEL.WEIGHTS:
+        logger.warning(
+            "MODEL.WEIGHTS is empty: the model is untrained (random weights) and its detections "
+            "mean nothing. Add --opts MODEL.WEIGHTS path/to/model_final.pth (e.g. "
+            "output/quick_cpu/model_final.pth after `make demo`)."
+        )
+    check_weights_file(cfg.MODEL.WEIGHTS)
+    with explain_checkpoint_errors(cfg.MODEL.WEIGHTS):
+        predictor = DefaultPredictor(cfg)
     dataset = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
     metadata = MetadataCatalog.get(dataset)
     records = {}
@@ -113,13 +139,32 @@ def main(argv=None):
     if not paths:
         raise SystemExit(f"No images found in {args.input or args.dataset}")
     os.makedirs(args.output, exist_ok=True)
+    total, highest = 0, float("-inf")
     for path in paths:
-        instances, drawn = draw_predictions(
-            predictor, path, metadata, args.max_detections, records.get(path)
+        image_bgr = read_image(path, format="BGR")
+        everything = predictor(image_bgr)["instances"].to("cpu")
+        if len(everything):
+            highest = max(highest, everything.scores.max().item())
+        instances, drawn = render(
+            image_bgr,
+            everything,
+            metadata,
+            args.max_detections,
+            args.confidence_threshold,
+            records.get(path),
         )
+        total += len(instances)
         out_path = os.path.join(args.output, os.path.basename(path))
         cv2.imwrite(out_path, drawn)
         print(f"{path}: {len(instances)} detections -> {out_path}")
+    if total == 0:
+        seen = f"the highest score was {highest:.3f}" if highest > float("-inf") else "none at all"
+        logger.warning(
+            f"No detection scored above --confidence-threshold {args.confidence_threshold} in "
+            f"{len(paths)} image(s) ({seen}): lower --confidence-threshold"
+            + (" or give trained weights (MODEL.WEIGHTS)." if not cfg.MODEL.WEIGHTS else ".")
+        )
+    return total
 
 
 if __name__ == "__main__":

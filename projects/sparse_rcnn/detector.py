@@ -14,6 +14,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, de
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
+from .checks import validate_batched_inputs
 from .criterion import build_criterion, prepare_targets
 from .head import build_sparse_rcnn_head
 from .proposals import build_proposal_generator
@@ -132,15 +133,15 @@ class SparseRCNN(nn.Module):
     def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, torch.Tensor]:
         """Normalise and pad the images; return them with each one's unpadded (w, h, w, h)."""
         images = []
-        for x in batched_inputs:
+        for i, x in enumerate(batched_inputs):
             image = x["image"]
             if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
                 raise ValueError(
                     f"Expected each input 'image' as a ({self.pixel_mean.shape[0]}, H, W) tensor, "
-                    f"got shape {tuple(image.shape)}"
+                    f"got shape {tuple(image.shape)} (input {i})"
                 )
             if image.shape[1] == 0 or image.shape[2] == 0:
-                raise ValueError(f"Input image has zero size: {tuple(image.shape)}")
+                raise ValueError(f"Input image has zero size: {tuple(image.shape)} (input {i})")
             images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
         images = ImageList.from_tensors(
             images,
@@ -164,10 +165,9 @@ class SparseRCNN(nn.Module):
             Inference: list of {"instances": Instances with pred_boxes, scores, pred_classes}
             (see :meth:`inference`).
         """
+        validate_batched_inputs(batched_inputs, self.training)
         if not self.training:
             return self.inference(batched_inputs)
-        if not all("instances" in x for x in batched_inputs):
-            raise ValueError("SparseRCNN training needs 'instances' in every input dict")
         images, image_whwh = self.preprocess_image(batched_inputs)
         features, proposal_boxes, proposal_features = self._features_and_proposals(
             images, image_whwh
@@ -209,6 +209,8 @@ class SparseRCNN(nn.Module):
             the network's input (each image's unpadded size), not clipped.
         """
         assert not self.training
+        if len(batched_inputs) == 0:
+            return []
         images, image_whwh = self.preprocess_image(batched_inputs)
         if detected_instances is not None:
             results = [x.to(self.device) for x in detected_instances]

@@ -403,6 +403,8 @@ class DynamicHead(nn.Module):
                 output["pred_logits"] = logits
             outputs.append(output)
             boxes = pred_boxes.detach()  # gradients are blocked at the boxes between stages
+            if self.training:  # a diverging step: keep non-finite boxes out of the RoI pooler
+                boxes = torch.nan_to_num(boxes, nan=0.0, posinf=0.0, neginf=0.0)
         return outputs
 
 
