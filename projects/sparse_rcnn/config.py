@@ -36,7 +36,7 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
     _C.NHEADS = 8  # attention heads of the self-attention between proposals
     _C.DROPOUT = 0.0
     _C.DIM_FEEDFORWARD = 2048  # FFN width
-    _C.ACTIVATION = "relu"  # FFN activation
+    _C.ACTIVATION = "relu"  # FFN activation: relu or gelu (glu is rejected: it halves the width)
     _C.NUM_CLS = 1  # layers of the classification tower (Linear, LayerNorm, ReLU)
     _C.NUM_REG = 3  # layers of the regression tower
     _C.NUM_STAGES = 6  # iterative stages (the official key is NUM_HEADS)
