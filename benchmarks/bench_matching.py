@@ -1,28 +1,21 @@
-"""How matching, the loss and the training step scale with the number of proposals and of GT
-objects per image, for HungarianMatcher and OTAMatcher (Dynamic Sparse R-CNN's DLA).
+"""How matching, the loss and the training step scale with the number of proposals N and of GT
+boxes per image M, for HungarianMatcher and OTAMatcher (Dynamic Sparse R-CNN's DLA).
 
-Records (``benchmarks/results/matching.jsonl``):
-
-1. ``criterion``: the set criterion alone (of configs/sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml:
-   6 stages with deep supervision, 80 classes) forward + loss backward, on synthetic stage
-   outputs of 2 images of 800x1216: proposals N in {100, 300, 500} x GT boxes per image M in
-   {1, 10, 20, 100, 300}, both matchers; parts: the 6 matcher calls, the loss (criterion minus
-   matcher) and the backward. Predicted boxes are jittered copies of the GT boxes, so OTA's
-   dynamic k is realistic.
-2. ``match_step``: a training step of the quick CPU config with the paper's 6 stages
-   (``bench_train.InstrumentedStep``, 2 images of 128 px) with N proposals and M GT boxes per
-   image, both matchers: N in {100, 300, 500} at M = 20 and M in {1, 10, 20, 100, 300} at N = 300.
-   ``ota_over_hungarian``: the step ratio at every point.
-3. ``match_targets`` at N = 300, M = 20: "matching + loss at most 5% of a training step" (per
-   matcher) and "OTAMatcher step at most 1.10x the HungarianMatcher step" (``target_pass``).
+Records (``benchmarks/results/matching.jsonl``): ``criterion``: the set criterion of the R-50
+300-proposal config alone (6 stages, 80 classes; forward + loss backward, split into matching, loss
+and backward) on synthetic stage outputs of 2 images of 800x1216 (jittered copies of the GT boxes,
+so OTA's dynamic k is realistic), N in {100, 300, 500} x M in {1, 10, 20, 100, 300};
+``match_step``: a training step of the quick CPU config with 6 stages (``bench_train``; 2 images of
+128 px), N in {100, 300, 500} at M = 20 and M in {1, 10, 20, 100, 300} at N = 300;
+``ota_over_hungarian``: the step ratio at every point; ``match_targets`` at N = 300, M = 20:
+matching + loss at most 5% of a step (per matcher) and OTA step at most 1.10x the Hungarian step.
 
 Usage:
     python benchmarks/bench_matching.py [--quick] [--threads 2] [--device auto|cpu|cuda]
-        [--skip-criterion] [--skip-step]
+        [--skip-criterion] [--skip-step] [--min-run-time 3]
 """
 
 import argparse
-import statistics
 
 import torch
 
@@ -50,8 +43,9 @@ def synthetic_stage_outputs(num_proposals, num_gt, device, images=2, hw=(800, 12
             size = (box[:, 2:] - box[:, :2]).repeat(1, 2)
             boxes.append(box + (torch.rand(num_proposals, 4, generator=gen) - 0.5) * 0.4 * size)
         logits = torch.randn(images, num_proposals, classes, generator=gen) - 2.0
-        stages.append({"pred_logits": logits.to(device).requires_grad_(),
-                       "pred_boxes": torch.stack(boxes).to(device).requires_grad_()})  # fmt: skip
+        boxes = torch.stack(boxes)
+        stages.append({"pred_logits": logits, "pred_boxes": boxes})
+    stages = [{k: v.to(device).requires_grad_() for k, v in s.items()} for s in stages]
     return stages, [{k: v.to(device) for k, v in t.items()} for t in prepare_targets(gt, device)]
 
 
@@ -60,39 +54,32 @@ def bench_criterion(rec, args, device, grid) -> None:
 
     for num_proposals, num_gt in grid:
         stages, targets = synthetic_stage_outputs(num_proposals, num_gt, device)
-        fns, timers = {}, {}
+        leaves = [t for s in stages for t in s.values()]
+        fns, parts, configs = {}, {}, {}
         for matcher in MATCHERS:
             opts = ["MODEL.SPARSE_RCNN.MATCHER_NAME", matcher]
+            configs[matcher] = common.config_text(CRITERION_CONFIG, opts)
             criterion = build_criterion(common.make_cfg(CRITERION_CONFIG, opts, device)).to(device)
-            timer = timers[matcher] = common.PartTimer(device)
+            timer, parts[matcher] = common.PartTimer(device), []
             timer.wrap(criterion, "criterion")
             timer.wrap(criterion.matcher, "matching")
 
-            def fn(criterion=criterion, timer=timer):
+            def fn(criterion=criterion, timer=timer, parts=parts[matcher]):
                 losses = criterion(stages, targets)
                 with timer("backward"):
-                    torch.autograd.grad(
-                        sum(losses.values()), [t for s in stages for t in s.values()]
-                    )
+                    torch.autograd.grad(sum(losses.values()), leaves)
+                part = timer.take()
+                part["loss"] = part.pop("criterion") - part["matching"]
+                parts.append(part)
 
             fns[matcher] = fn
         rec.begin()
+        point = dict(proposals=num_proposals, gt_per_image=num_gt, images=2, image_hw=[800, 1216])
         for matcher, (m, memory) in common.measure(fns, args, device).items():
-            calls, n = timers[matcher].calls, common.timed_runs(m)
-            k = len(calls["matching"]) // len(
-                calls["criterion"]
-            )  # matcher calls per criterion call
-            matching = [
-                sum(calls["matching"][i * k : (i + 1) * k]) for i in range(len(calls["criterion"]))
-            ]
-            parts = {"matching": matching, "loss": [c - x for c, x in zip(calls["criterion"], matching)],
-                     "backward": calls["backward"]}  # fmt: skip
-            rec.emit({"benchmark": "criterion", "matcher": matcher, "proposals": num_proposals,
-                      "gt_per_image": num_gt, "images": 2, "image_hw": [800, 1216], "stages": 6,
-                      "config": common.config_text(CRITERION_CONFIG, ["MODEL.SPARSE_RCNN.MATCHER_NAME", matcher]),
-                      **common.stats_ms(m), **memory,
-                      "parts_median_ms": {k: round(statistics.median(v[-n:]) * 1e3, 3)
-                                          for k, v in parts.items()}})  # fmt: skip
+            medians = common.part_medians_ms(parts[matcher], m)
+            record = dict(matcher=matcher, config=configs[matcher], **point, stages=6)
+            record.update(common.stats_ms(m), parts_median_ms=medians, **memory)
+            rec.emit("criterion", **record)
 
 
 def bench_steps(rec, args, device, points) -> None:
@@ -100,36 +87,32 @@ def bench_steps(rec, args, device, points) -> None:
         steps, configs = {}, {}
         batch = common.make_batch(2, 128, 128, num_gt, 3, seed=3)
         for matcher in MATCHERS:
-            opts = common.SMALL_MODEL_OPTS + ["MODEL.SPARSE_RCNN.NUM_PROPOSALS", num_proposals,
-                                              "MODEL.SPARSE_RCNN.MATCHER_NAME", matcher]  # fmt: skip
+            opts = common.SMALL_MODEL_OPTS + ["MODEL.SPARSE_RCNN.NUM_PROPOSALS", num_proposals]
+            opts += ["MODEL.SPARSE_RCNN.MATCHER_NAME", matcher]
             cfg = common.make_cfg(common.SMALL_MODEL_CONFIG, opts, device)
             steps[matcher] = InstrumentedStep(cfg, device, batch)
             configs[matcher] = common.config_text(common.SMALL_MODEL_CONFIG, opts)
         rec.begin()
         results = common.measure(steps, args, device)
-        point = {"proposals": num_proposals, "gt_per_image": num_gt, "images": 2,
-                 "image_hw": [128, 128]}  # fmt: skip
+        point = dict(proposals=num_proposals, gt_per_image=num_gt, images=2, image_hw=[128, 128])
         shares = {}
         for matcher, (m, memory) in results.items():
-            record = rec.emit({"benchmark": "match_step", "matcher": matcher,
-                               "config": configs[matcher], **point,
-                               **steps[matcher].record(m, memory)})  # fmt: skip
+            record = steps[matcher].record(m, memory)
             shares[matcher] = record["match_loss_share"]
-        ratio = results["OTAMatcher"][0].median / results["HungarianMatcher"][0].median
-        rec.emit({"benchmark": "ota_over_hungarian", "config": configs["OTAMatcher"]
-                  + " vs MATCHER_NAME HungarianMatcher", **point, "ratio_median": round(ratio, 4)})  # fmt: skip
+            rec.emit("match_step", matcher=matcher, config=configs[matcher], **point, **record)
+        ratio = round(results["OTAMatcher"][0].median / results["HungarianMatcher"][0].median, 4)
+        both = configs["OTAMatcher"] + " vs MATCHER_NAME HungarianMatcher"
+        rec.emit("ota_over_hungarian", config=both, **point, ratio_median=ratio)
         if (num_proposals, num_gt) != TARGET_POINT:
             continue
-        for matcher in MATCHERS:
-            rec.emit({"benchmark": "match_targets", "matcher": matcher, "config": configs[matcher],
-                      "target": f"matching + loss <= {TARGET_MATCH_LOSS_SHARE:.0%} of a training "
-                      "step at 300 proposals and 20 GT per image", **point,
-                      "match_loss_share": shares[matcher],
-                      "target_pass": shares[matcher] <= TARGET_MATCH_LOSS_SHARE})  # fmt: skip
-        rec.emit({"benchmark": "match_targets", "config": configs["OTAMatcher"]
-                  + " vs MATCHER_NAME HungarianMatcher", **point, "ratio_median": round(ratio, 4),
-                  "target": f"OTAMatcher step <= {TARGET_OTA_RATIO}x the HungarianMatcher step",
-                  "target_pass": ratio <= TARGET_OTA_RATIO})  # fmt: skip
+        for matcher, share in shares.items():
+            target = f"matching + loss <= {TARGET_MATCH_LOSS_SHARE:.0%} of a training step at "
+            record = dict(target=target + "300 proposals and 20 GT per image", matcher=matcher)
+            record.update(config=configs[matcher], **point, match_loss_share=share)
+            rec.emit("match_targets", **record, target_pass=share <= TARGET_MATCH_LOSS_SHARE)
+        target = f"OTAMatcher step <= {TARGET_OTA_RATIO}x the HungarianMatcher step"
+        record = dict(target=target, config=both, **point, ratio_median=ratio)
+        rec.emit("match_targets", **record, target_pass=ratio <= TARGET_OTA_RATIO)
 
 
 def main():

@@ -15,6 +15,7 @@ import datetime
 import gc
 import json
 import os
+import statistics
 import threading
 import time
 from collections import defaultdict
@@ -67,14 +68,15 @@ class Recorder:
 
         self.out_path = Path(out_path)
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
-        self.env = {"device": str(device), "threads": threads, "torch": torch.__version__,
-                    "detectron2": d2_version, "cpu_count": psutil.cpu_count(), **extra}  # fmt: skip
+        self.env = dict(device=str(device), threads=threads, torch=torch.__version__, **extra)
+        self.env.update(detectron2=d2_version, cpu_count=psutil.cpu_count())
         if device.type == "cuda":
             self.env["gpu"] = torch.cuda.get_device_name(device)
         self.begin()
-        self.emit({"benchmark": "environment", "collect_env_info": collect_env_info()})
+        self.emit("environment", collect_env_info=collect_env_info())
 
     def begin(self) -> None:
+        self.load = None
         psutil.cpu_percent()
         self.others = {p.pid: p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()}
         for p in self.others.values():
@@ -90,21 +92,26 @@ class Recorder:
                     busy[" ".join(p.info["cmdline"] or [])[:120] or p.name()] = percent
         return busy
 
-    def emit(self, record: Dict) -> Dict:
-        record = {**record, **self.env, "loadavg": [round(v, 2) for v in os.getloadavg()],
-                  "machine_cpu_percent": psutil.cpu_percent(),
-                  "other_processes_cpu_percent": self._other_processes(),
-                  "time": datetime.datetime.now().isoformat(timespec="seconds")}  # fmt: skip
+    def emit(self, benchmark: str, **fields) -> Dict:
+        if self.load is None:  # the first record of a measurement: CPU use since begin()
+            self.load = {
+                "machine_cpu_percent": psutil.cpu_percent(),
+                "other_processes_cpu_percent": self._other_processes(),
+            }
+        record = {
+            "benchmark": benchmark,
+            **fields,
+            **self.env,
+            "loadavg": [round(v, 2) for v in os.getloadavg()],
+        }
+        record.update(self.load, time=datetime.datetime.now().isoformat(timespec="seconds"))
         line = json.dumps(record)
-        print(line if record["benchmark"] != "environment" else line[:200] + " ...", flush=True)
+        print(line if benchmark != "environment" else line[:200] + " ...", flush=True)
         with open(self.out_path, "a") as f:
             f.write(line + "\n")
         return record
 
 
-# ---------------------------------------------------------------------------------------------
-# Configs, models, inputs
-# ---------------------------------------------------------------------------------------------
 def make_cfg(config_file: str, opts: Sequence = (), device: torch.device = torch.device("cpu")):
     from sparse_rcnn.config import get_sparse_rcnn_cfg
 
@@ -151,9 +158,6 @@ def make_batch(images, height, width, num_gt: Optional[int], num_classes, seed=0
     return batch
 
 
-# ---------------------------------------------------------------------------------------------
-# Timing and memory
-# ---------------------------------------------------------------------------------------------
 def measure(fns: Dict[str, Callable[[], None]], args, device, memory: bool = True):
     """``{name: (Measurement, memory dict)}``: every callable first runs once for its peak memory
     (:func:`peak_memory`, from a trimmed heap, so it pays page faults), then
@@ -172,18 +176,17 @@ def timed_runs(m: Measurement) -> int:
 
 def stats_ms(m: Measurement) -> Dict[str, float]:
     times = [t * 1e3 for t in m.times]
-    return {"runs": timed_runs(m), "min_ms": round(min(times), 3),
-            "median_ms": round(m.median * 1e3, 3), "max_ms": round(max(times), 3),
-            "iqr_ms": round(m.iqr * 1e3, 3)}  # fmt: skip
+    ms = dict(min_ms=min(times), median_ms=m.median * 1e3, max_ms=max(times), iqr_ms=m.iqr * 1e3)
+    return {"runs": timed_runs(m), **{k: round(v, 3) for k, v in ms.items()}}
 
 
 class PartTimer:
-    """Wall time of every call of named parts (wrapped module forwards or ``with timer(name)``),
-    bracketed by ``torch.cuda.synchronize`` on a GPU; ``last(name, n)``: the last n calls."""
+    """Wall time of named parts (wrapped module forwards or ``with timer(name)``), bracketed by
+    ``torch.cuda.synchronize`` on a GPU; :meth:`take` returns each part's total and restarts."""
 
     def __init__(self, device: torch.device):
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.calls: Dict[str, List[float]] = defaultdict(list)
+        self.totals: Dict[str, float] = defaultdict(float)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -193,7 +196,7 @@ class PartTimer:
             yield
         finally:
             self.sync()
-            self.calls[name].append(time.perf_counter() - start)
+            self.totals[name] += time.perf_counter() - start
 
     def wrap(self, module: torch.nn.Module, name: str) -> None:
         original = module.forward
@@ -203,6 +206,16 @@ class PartTimer:
                 return original(*args, **kwargs)
 
         module.forward = forward
+
+    def take(self) -> Dict[str, float]:
+        totals, self.totals = dict(self.totals), defaultdict(float)
+        return totals
+
+
+def part_medians_ms(parts: List[Dict[str, float]], m: Measurement) -> Dict[str, float]:
+    """Median of every part over the runs ``m`` timed (the last ones of ``parts``), in ms."""
+    parts = parts[-timed_runs(m) :]
+    return {k: round(statistics.median(p.get(k, 0.0) for p in parts) * 1e3, 3) for k in parts[0]}
 
 
 def peak_memory(fn: Callable[[], None], device: torch.device) -> Dict[str, float]:
