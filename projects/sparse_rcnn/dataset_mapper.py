@@ -21,6 +21,7 @@ __all__ = ["SparseRCNNDatasetMapper", "build_sparse_rcnn_augmentation"]
 
 logger = logging.getLogger(__name__)
 
+
 def build_sparse_rcnn_augmentation(
     cfg,
     is_train: bool,
