@@ -27,7 +27,6 @@ R50_CONFIGS = {
     "r50_100pro": "sparse_rcnn_R_50_FPN_100pro_3x.yaml",
     "r50_300pro": "sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml",
 }
-PARTS = ("backbone", "head", "matching", "loss", "backward", "optimizer")
 TARGET_SPEEDUP = 1.5  # CPU training at least 1.5x faster than with Detectron2's ROIPooler
 
 
