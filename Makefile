@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # The main job: train from scratch on the built-in synthetic dataset (generated on first use into
-# datasets/cache), evaluate with COCOEvaluator, draw predictions on validation images.
+# datasets/synthetic_shapes), evaluate with COCOEvaluator, draw predictions on validation images.
 DEMO_CONFIG := configs/sparse_rcnn_quick_cpu.yaml
 DEMO_OUT := output/quick_cpu
 demo: $(STAMP)

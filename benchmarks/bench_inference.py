@@ -1,28 +1,15 @@
 """Inference latency of Sparse R-CNN R-50-FPN: the whole model, the backbone alone, the head.
 
-Measurements (one JSON object per line on stdout, also appended to --out):
-
-1. ``inference``: ``model(batched_inputs)`` under ``torch.inference_mode()`` for
-   configs/sparse_rcnn_R_50_FPN_100pro_3x.yaml (100 proposals) and
-   configs/sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml (300 proposals), random weights
-   (MODEL.WEIGHTS ""), random 800x1216 images (800x1333-class: the short side of COCO testing,
-   the long side a multiple of 32 so that nothing is padded), batch sizes 1 and 4; and
-   ``model.backbone(images)`` (ResNet-50-FPN alone on the same normalised batch: the floor any
-   head can reach). Latency of the batch and per image, images/s. The model's head time is
-   measured inside the same runs (a wrapper around ``model.head.forward``); the last warm-up run
-   gives the peak memory (RSS on CPU, ``max_memory_allocated`` on CUDA).
-2. ``inference_head_overhead``: per config and batch size, model / backbone (median ratio), the
-   head's share ((model - backbone) / model), and the issue target "the whole model at most 1.25x
-   the backbone alone at 300 proposals on CPU" (``target_pass``).
-
-The backbone and both models run round robin in every repeat (the two models have the same
-backbone architecture and seed, hence the same backbone weights); min/median/max are over the
-repeats after warm-up (on a CPU: a memory-measurement run and 1 warm-up, then 5 repeats at batch 1
-(3 with --quick) and 2 at batch 4, about 3 minutes in all; --repeats sets them).
+Records (``benchmarks/results/inference.jsonl``): ``inference``: ``model(batched_inputs)`` under
+``torch.inference_mode()`` for the R-50 100- and 300-proposal configs (random weights; both have
+the same backbone weights) on random 800x1216 images (800x1333-class, nothing padded), batch 1 and
+4, with the head's mean time and the peak memory of one run; and ``model.backbone(images)`` on the
+same batch (the floor any head can reach). ``inference_head_overhead``: model / backbone (medians)
+and the head's share; target: the model at most 1.25x the backbone at 300 proposals on a CPU.
 
 Usage:
     python benchmarks/bench_inference.py [--quick] [--threads 2] [--device auto|cpu|cuda]
-        [--batch-sizes 1 4] [--height 800 --width 1216]
+        [--batch-sizes 1 4] [--height 800 --width 1216] [--min-run-time 9]
 """
 
 import argparse
@@ -31,7 +18,6 @@ import statistics
 import torch
 
 import common
-from common import PartTimer, Recorder
 
 CONFIGS = {
     100: "sparse_rcnn_R_50_FPN_100pro_3x.yaml",
@@ -42,121 +28,60 @@ TARGET_RATIO = 1.25  # the whole model at most 1.25x the backbone alone at 300 p
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.common_args(parser, "inference.jsonl")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--proposals", type=int, nargs="+", default=[100, 300], choices=[100, 300])
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1216)
-    args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    device = common.pick_device(args.device)
-    on_gpu = device.type == "cuda"
-    batch_sizes = args.batch_sizes or ([1] if args.quick else [1, 4])
-    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
-    default_repeats = (5 if args.quick else 20) if on_gpu else (3 if args.quick else 5)
-    rec = Recorder(args.out, common.environment(args.threads, device), {"quick": args.quick})
-    common.warn_if_busy()
-
-    models = {}
-    for proposals in args.proposals:
-        cfg = common.make_cfg(CONFIGS[proposals], device=device)
-        models[proposals] = common.build_model(cfg).eval()
-    any_model = next(iter(models.values()))
-    params = {p: sum(t.numel() for t in m.parameters()) for p, m in models.items()}
-    timers = {p: PartTimer(device) for p in models}
+    args, device, rec = common.parse_args(parser, "inference.jsonl", min_run_time=9.0)
+    models = {
+        p: common.build_model(common.make_cfg(CONFIGS[p], (), device)) for p in args.proposals
+    }
+    timer = common.PartTimer(device)
+    heads = {p: [] for p in models}
     for p, model in models.items():
-        timers[p].wrap(model.head, "head")
+        model.eval()
+        timer.wrap(model.head, "head")
+    any_model = next(iter(models.values()))
 
-    for batch in batch_sizes:
-        # On a CPU a batch of 4 takes about 10 s per run: 2 repeats keep the default run short.
-        repeats = args.repeats or (default_repeats if on_gpu or batch < 4 else 2)
+    def run_model(p):
+        def fn():
+            models[p](inputs)
+            heads[p].append(timer.take()["head"])
+
+        return fn
+
+    for batch in args.batch_sizes or ([1] if args.quick else [1, 4]):
         inputs = common.make_batch(batch, args.height, args.width, None, 80, seed=batch)
         with torch.inference_mode():
-            images, _ = any_model.preprocess_image(inputs)
-            images = images.tensor
-        padded_hw = list(images.shape[-2:])
-
-        def run_model(model):
-            def fn():
-                with torch.inference_mode():
-                    model(inputs)
-
-            return fn
-
-        def run_backbone():
-            with torch.inference_mode():
-                any_model.backbone(images)
-
+            images = any_model.preprocess_image(inputs)[0].tensor
+        fns = {"backbone": lambda: any_model.backbone(images)}
+        fns.update({f"model_{p}pro": run_model(p) for p in models})
         rec.begin()
-        fns = {"backbone": run_backbone}
-        fns.update({f"model_{p}pro": run_model(m) for p, m in models.items()})
-        # Warm-up (the last warm-up run of each also gives its peak memory) without head timing.
-        for timer in timers.values():
-            timer.enabled = False
-        memory = {}
-        common.time_interleaved(fns, warmup, 0, device, memory)
-        for timer in timers.values():
-            timer.enabled = True
-            timer.reset()
-        times = common.time_interleaved(fns, 0, repeats, device)
-        head_times = {p: timers[p].reset().get("head", 0.0) / repeats for p in models}
-
-        base = {
-            "images": batch,
-            "image_hw": [args.height, args.width],
-            "padded_hw": padded_hw,
-            "mode": "torch.inference_mode()",
-            "warmup": warmup,
-            "repeats": repeats,
-        }
-        for impl, values in times.items():
-            proposals = int(impl.split("_")[1][:-3]) if impl.startswith("model") else None
-            config = (
-                common.config_text(CONFIGS[proposals], [])
-                if proposals
-                else "backbone of " + common.config_text(CONFIGS[args.proposals[0]], [])
-            )
-            median = statistics.median(values)
-            record = {
-                "benchmark": "inference",
-                "impl": impl,
-                "config": config,
-                "proposals": proposals,
-                **base,
-                **common.stats_ms(values),
-                "median_ms_per_image": round(median * 1e3 / batch, 3),
-                "images_per_s": round(batch / median, 3),
-                **memory[impl],
-            }
-            if proposals:
-                record["head_ms_mean"] = round(head_times[proposals] * 1e3, 3)
-                record["parameters"] = params[proposals]
-            rec.emit(record)
-
-        backbone = statistics.median(times["backbone"])
-        for proposals in models:
-            model_median = statistics.median(times[f"model_{proposals}pro"])
-            ratio = model_median / backbone
-            record = {
-                "benchmark": "inference_head_overhead",
-                "config": common.config_text(CONFIGS[proposals], []),
-                "proposals": proposals,
-                **base,
-                "model_median_ms": round(model_median * 1e3, 3),
-                "backbone_median_ms": round(backbone * 1e3, 3),
-                "head_ms_mean_instrumented": round(head_times[proposals] * 1e3, 3),
-                "model_minus_backbone_ms": round((model_median - backbone) * 1e3, 3),
-                "head_share_of_model": round((model_median - backbone) / model_median, 4),
-                "model_over_backbone": round(ratio, 4),
-                "model_over_backbone_min": round(
-                    min(times[f"model_{proposals}pro"]) / min(times["backbone"]), 4
-                ),
-            }
-            if proposals == 300 and device.type == "cpu":
+        with torch.inference_mode():
+            results = common.measure(fns, args, device)
+        point = dict(images=batch, image_hw=[args.height, args.width], mode="inference_mode")
+        point["padded_hw"] = list(images.shape[-2:])
+        backbone = results["backbone"][0].median
+        for p in [None, *models]:
+            m, memory = results[f"model_{p}pro" if p else "backbone"]
+            config = common.config_text(CONFIGS[p or args.proposals[0]])
+            record = dict(proposals=p, **point, **common.stats_ms(m), **memory)
+            record.update(median_ms_per_image=round(m.median * 1e3 / batch, 3))
+            if p is None:
+                rec.emit("inference", impl="backbone", config="backbone of " + config, **record)
+                continue
+            head = heads[p][-common.timed_runs(m) :]
+            record["head_ms_mean"] = round(statistics.mean(head) * 1e3, 3)
+            rec.emit("inference", impl=f"model_{p}pro", config=config, **record)
+            ratio = m.median / backbone
+            record = dict(config=config, proposals=p, **point, model_over_backbone=round(ratio, 4))
+            record.update(model_median_ms=round(m.median * 1e3, 3))
+            record.update(backbone_median_ms=round(backbone * 1e3, 3))
+            record["head_share_of_model"] = round(1 - 1 / ratio, 4)
+            if p == 300 and device.type == "cpu":
                 record["target"] = f"model <= {TARGET_RATIO}x backbone at 300 proposals on CPU"
                 record["target_pass"] = ratio <= TARGET_RATIO
-            rec.emit(record)
+            rec.emit("inference_head_overhead", **record)
 
 
 if __name__ == "__main__":

@@ -34,27 +34,17 @@ run train     benchmarks/bench_train.py --quick --threads "$THREADS" --device "$
 run matching  benchmarks/bench_matching.py --quick --threads "$THREADS" --device "$DEVICE" \
     --out "$OUT/matching.jsonl"
 
-# Summary of the issue targets measured by this run.
+# Summary of the targets measured by this run (the last record of each).
 "$PY" - "$OUT" <<'PYEOF'
-import json, sys
-from pathlib import Path
-
-out = Path(sys.argv[1])
-print("# targets (quick run):", file=sys.stderr)
-for name in ("inference", "train", "matching"):
-    path = out / f"{name}.jsonl"
-    if not path.exists():
-        continue
-    last = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+import json, sys, pathlib
+last = {}
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
+    for record in map(json.loads, path.read_text().splitlines()):
         if "target_pass" in record:
-            key = (record["target"], record.get("matcher"), record.get("images"))
-            last[key] = record
-    for record in last.values():
-        value = {k: record[k] for k in ("model_over_backbone", "speedup_median",
-                 "match_loss_share", "ratio_median") if k in record}
-        status = "PASS" if record["target_pass"] else "FAIL"
-        extra = f" [{record['matcher']}]" if record.get("matcher") else ""
-        print(f"#   {status} {record['target']}{extra}: {value}", file=sys.stderr)
+            last[record["target"], record.get("matcher")] = record
+for (target, matcher), record in last.items():
+    status = "PASS" if record["target_pass"] else "FAIL"
+    value = {k: record[k] for k in ("model_over_backbone", "speedup_median", "match_loss_share",
+             "ratio_median") if k in record}
+    print(f"#   {status} {target}{f' [{matcher}]' if matcher else ''}: {value}", file=sys.stderr)
 PYEOF

@@ -14,17 +14,10 @@ PARITY_DIR = DATA_DIR / "parity"
 
 
 def make_cfg(config_file=TINY_CONFIG, opts=()):
-    """A frozen-free Detectron2 config with our keys, merged from ``config_file`` and ``opts``."""
-    from detectron2.config import get_cfg
+    """The config of ``config_file`` with our keys and ``opts``, on the CPU."""
+    from sparse_rcnn.config import get_sparse_rcnn_cfg
 
-    from sparse_rcnn import add_sparse_rcnn_config
-
-    cfg = get_cfg()
-    add_sparse_rcnn_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(list(opts))
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    return get_sparse_rcnn_cfg(config_file, [*opts, "MODEL.DEVICE", "cpu"])
 
 
 def build_tiny_model(opts=(), seed=0):

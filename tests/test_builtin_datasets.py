@@ -1,11 +1,10 @@
-"""The synthetic_shapes dataset: determinism, tight boxes, distributions, lazy registration."""
+"""The built-in synthetic_shapes datasets: files, cache location and reuse, lazy registration."""
 
 import hashlib
 import json
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -71,14 +70,6 @@ def test_same_seed_same_files_other_seed_differs(tmp_path, small_split):
     assert _digest(Path(root_d)) != _digest(image_root)
 
 
-def test_generate_sample_is_deterministic():
-    a = bd.generate_sample(np.random.default_rng(7), 96)
-    b = bd.generate_sample(np.random.default_rng(7), 96)
-    c = bd.generate_sample(np.random.default_rng(8), 96)
-    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
-    assert not np.array_equal(a[0], c[0])
-
-
 def test_coco_json_and_images(small_split):
     _, coco, image_root = small_split
     assert [c["id"] for c in coco["categories"]] == [1, 2, 3]
@@ -95,59 +86,6 @@ def test_coco_json_and_images(small_split):
         assert w >= 2 and h >= 2
         assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64
         assert 0 < a["area"] <= w * h
-
-
-def test_box_is_tight_on_flat_background():
-    for seed in range(60):
-        rng = np.random.default_rng(seed)
-        image, annos = bd.generate_sample(
-            rng, (80, 96), num_objects=1, background=(0, 0, 0), noise=False
-        )
-        if not annos:
-            continue
-        fg = image.any(axis=2)
-        ys, xs = np.nonzero(fg)
-        x, y, w, h = annos[0]["bbox"]
-        expected = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-        assert np.abs(np.array([x, y, x + w, y + h]) - expected).max() <= 1, seed
-
-
-def test_occlusion_keeps_half_visible_and_full_boxes():
-    for seed in range(40):
-        rng = np.random.default_rng(seed)
-        image, annos, full, visible = bd.generate_sample(
-            rng, 64, num_objects=4, noise=False, return_masks=True
-        )
-        for anno, full_mask, vis_mask in zip(annos, full, visible):
-            assert vis_mask.sum() >= 0.5 * full_mask.sum()
-            assert not (vis_mask & ~full_mask).any()
-            ys, xs = np.nonzero(full_mask)
-            x, y, w, h = anno["bbox"]
-            assert (x, y, x + w, y + h) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-
-
-def test_class_and_count_distributions():
-    counts, classes = [], []
-    for index in range(200):
-        _, annos = bd.generate_sample(np.random.default_rng([0, index]), 64, noise=False)
-        counts.append(len(annos))
-        classes += [a["category_id"] for a in annos]
-    counts = np.array(counts)
-    assert 0.03 < (counts == 0).mean() < 0.3  # some images are empty
-    assert counts.max() <= 4 and (counts >= 3).mean() > 0.2
-    hist = np.bincount(classes, minlength=4)[1:]
-    assert hist.min() > 0.2 * len(classes)  # every class, roughly balanced
-
-
-def test_object_sizes_vary():
-    sides = []
-    for index in range(100):
-        _, annos = bd.generate_sample(np.random.default_rng([1, index]), 128, noise=False)
-        sides += [max(a["bbox"][2], a["bbox"][3]) / 128 for a in annos]
-    sides = np.array(sides)
-    # Long sides are drawn from 15%-60% of the image; truncation at the border makes some smaller.
-    assert sides.min() < 0.2 and sides.max() > 0.45
-    assert 0.05 <= np.median(sides) <= 0.4
 
 
 def test_cache_reuse_and_parameter_change(tmp_path):
@@ -168,11 +106,32 @@ def test_cache_reuse_and_parameter_change(tmp_path):
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPARSE_RCNN_DATASETS", str(tmp_path))
-    assert bd.default_cache_dir() == tmp_path
+    """$SPARSE_RCNN_DATASETS, else Detectron2's $DETECTRON2_DATASETS, else ./datasets: never the
+    package's folder (site-packages for an installed package)."""
+    monkeypatch.setenv("SPARSE_RCNN_DATASETS", str(tmp_path / "ours"))
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "d2"))
+    assert bd.default_cache_dir() == tmp_path / "ours"
     monkeypatch.delenv("SPARSE_RCNN_DATASETS")
-    repo = Path(bd.__file__).resolve().parents[2]
-    assert bd.default_cache_dir() == repo / "datasets" / "cache"
+    assert bd.default_cache_dir() == tmp_path / "d2"
+    monkeypatch.delenv("DETECTRON2_DATASETS")
+    monkeypatch.chdir(tmp_path)
+    assert bd.default_cache_dir() == tmp_path / "datasets"  # absolute, read now
+    package = Path(bd.__file__).resolve().parent
+    assert package not in bd.default_cache_dir().parents
+
+
+def test_registered_root_does_not_follow_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("SPARSE_RCNN_DATASETS", raising=False)
+    monkeypatch.setenv("DETECTRON2_DATASETS", "rel")
+    monkeypatch.chdir(tmp_path)
+    (name,) = bd.register_synthetic_shapes(splits={"x": 2}, image_size=32, prefix="cwd_test")
+    try:
+        monkeypatch.chdir(tmp_path.parent)
+        assert MetadataCatalog.get(name).json_file == str(tmp_path / "rel/synthetic_shapes/x.json")
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        bd._REGISTERED.pop(name, None)
 
 
 def test_registration_is_lazy_and_loads(synthetic_registration):

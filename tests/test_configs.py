@@ -121,6 +121,7 @@ def test_300pro_crop_configs(config_file):
     assert cfg.INPUT.CROP.ENABLED is True
     assert cfg.INPUT.CROP.TYPE == "absolute_range"
     assert tuple(cfg.INPUT.CROP.SIZE) == (384, 600)
+    assert tuple(cfg.INPUT.CROP.RESIZE_SIZES) == (400, 500, 600)  # official, before the crop
 
 
 @pytest.mark.parametrize(

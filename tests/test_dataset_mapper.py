@@ -78,7 +78,10 @@ def test_augmentation_structure():
     assert augs[1].prob == 0.5
     resize, crop = augs[1].aug.augs
     assert isinstance(resize, T.ResizeShortestEdge) and isinstance(crop, T.RandomCrop)
-    assert tuple(resize.short_edge_length) == (400, 500, 600) and resize.is_range is False
+    # The function's default is the config's INPUT.CROP.RESIZE_SIZES (the tiny config's here).
+    assert tuple(resize.short_edge_length) == (96, 112, 128) and resize.is_range is False
+    explicit = build_sparse_rcnn_augmentation(_crop_cfg(), True, crop_resize_sizes=(200, 300))
+    assert tuple(explicit[1].aug.augs[0].short_edge_length) == (200, 300)
     assert crop.crop_type == "absolute_range" and tuple(crop.crop_size) == (64, 96)
     assert tuple(augs[2].short_edge_length) == (96, 128) and augs[2].max_size == 160
     no_crop = build_sparse_rcnn_augmentation(_crop_cfg(False), is_train=True)

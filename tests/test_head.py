@@ -260,3 +260,17 @@ def test_head_rejects_bad_settings():
         DynamicHead(
             box_pooler=make_pooler(), num_classes=K, hidden_dim=HIDDEN, num_stages=1, nheads=5
         )
+
+
+def test_activation_choice():
+    """gelu is applied in the FFN; glu (halves the width) and unknown names fail at build time."""
+    common = dict(box_pooler=make_pooler(), num_classes=K, hidden_dim=HIDDEN, num_stages=1)
+    torch.manual_seed(0)
+    gelu = DynamicHead(**common, nheads=4, dim_feedforward=32, dim_dynamic=4, activation="gelu")
+    x = torch.linspace(-3, 3, 13)
+    assert torch.equal(gelu.head_series[0].activation(x), torch.nn.functional.gelu(x))
+    assert not torch.equal(gelu.head_series[0].activation(x), torch.relu(x))
+    with pytest.raises(ValueError, match="'glu' is not supported.*halves the FFN width"):
+        DynamicHead(**common, nheads=4, activation="glu")
+    with pytest.raises(ValueError, match="must be 'relu' or 'gelu', got 'swish'"):
+        DynamicHead(**common, nheads=4, activation="swish")

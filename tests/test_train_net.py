@@ -67,6 +67,25 @@ def read_metrics(output_dir, key="total_loss"):
         return [json.loads(line) for line in f if f'"{key}"' in line]
 
 
+def assert_ap_equals_cocoeval(results, inference_dir):
+    """COCOEvaluator's AP, AP50, AP75 (``results["bbox"]``, or the metrics.json keys) equal a
+    pycocotools COCOeval run on the detections it wrote and the dataset's json."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(MetadataCatalog.get(f"{PREFIX}_val").json_file)
+    with open(inference_dir / "coco_instances_results.json") as f:
+        detections = json.load(f)
+    assert detections, "the model made no detections"
+    coco_eval = COCOeval(gt, gt.loadRes(detections), "bbox")
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    for index, key in enumerate(("AP", "AP50", "AP75")):
+        value = results["bbox"][key] if "bbox" in results else results[f"bbox/{key}"]
+        assert value == pytest.approx(100 * coco_eval.stats[index], abs=1e-6), key
+
+
 def test_training_lowers_the_loss_and_logs_every_stage(trained):
     output_dir = trained
     metrics = read_metrics(output_dir)
@@ -88,7 +107,7 @@ def test_training_writes_checkpoints_and_evaluates(trained):
     # The EvalHook evaluates with COCOEvaluator after the last iteration and logs the metrics.
     (evaluation,) = read_metrics(output_dir, "bbox/AP")
     assert evaluation["iteration"] == MAX_ITER
-    assert 0.0 <= evaluation["bbox/AP"] <= 100.0
+    assert_ap_equals_cocoeval(evaluation, output_dir / "inference" / f"{PREFIX}_val")
 
 
 def test_eval_only_returns_coco_metrics(trained):
@@ -106,6 +125,7 @@ def test_eval_only_returns_coco_metrics(trained):
         detections = json.load(f)
     per_image = np.bincount([d["image_id"] for d in detections])
     assert len(np.nonzero(per_image)[0]) == 8 and per_image.max() <= 20
+    assert_ap_equals_cocoeval(eval_results, eval_dir / "inference" / f"{PREFIX}_val")
 
 
 def test_resume_continues_at_the_right_iteration(trained):
@@ -207,13 +227,16 @@ def test_dynamic_sparse_rcnn_trains_and_its_checkpoint_evaluates(datasets, tmp_p
     run_main(["--config-file", str(TINY_CONFIG), *train_opts(output_dir), *DYNAMIC_OPTS])
     metrics = read_metrics(output_dir)
     losses = [m["total_loss"] for m in metrics]
+    # 40 iterations over 32 varied images lower the logged median loss by only about a tenth, too
+    # little to tell learning from noise with a margin: that Dynamic Sparse R-CNN learns is
+    # test_dynamic_proposals.py::test_tiny_dynamic_model_overfits_one_batch. Here: it trains
+    # through train_net.py, and its checkpoint evaluates.
     assert len(losses) == MAX_ITER // 20 and all(np.isfinite(losses))
-    assert losses[-1] < 0.93 * losses[0]  # measured: 0.89 (OTA + one-to-one losses together)
     assert "loss_cls_stage1_o2o" in metrics[-1]  # the one-to-one losses of "two losses"
     argv = ["--config-file", str(TINY_CONFIG), "--eval-only", *train_opts(tmp_path / "eval")]
     weights = ["MODEL.WEIGHTS", str(output_dir / "model_final.pth")]
     results = run_main(argv + DYNAMIC_OPTS + weights)
-    assert 0.0 <= results["bbox"]["AP"] <= 100.0
+    assert_ap_equals_cocoeval(results, tmp_path / "eval" / "inference" / f"{PREFIX}_val")
     checkpoint = torch.load(output_dir / "model_final.pth", map_location="cpu")
     assert any(k.startswith("proposal_generator.") and "expert" in k for k in checkpoint["model"])
 

@@ -5,6 +5,8 @@ official implementation (PeizeSun/SparseR-CNN, ``sparsercnn/config.py``), unless
 otherwise. The official code names this node ``MODEL.SparseRCNN``; ours is ``MODEL.SPARSE_RCNN``.
 """
 
+from typing import Optional, Sequence
+
 from detectron2.config import CfgNode as CN
 
 
@@ -36,7 +38,7 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
     _C.NHEADS = 8  # attention heads of the self-attention between proposals
     _C.DROPOUT = 0.0
     _C.DIM_FEEDFORWARD = 2048  # FFN width
-    _C.ACTIVATION = "relu"  # FFN activation
+    _C.ACTIVATION = "relu"  # FFN activation: relu or gelu (glu is rejected: it halves the width)
     _C.NUM_CLS = 1  # layers of the classification tower (Linear, LayerNorm, ReLU)
     _C.NUM_REG = 3  # layers of the regression tower
     _C.NUM_STAGES = 6  # iterative stages (the official key is NUM_HEADS)
@@ -123,3 +125,17 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
     # LR multiplier of every parameter whose name contains "backbone".
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+
+
+def get_sparse_rcnn_cfg(config_file: Optional[str] = None, opts: Sequence = ()) -> CN:
+    """Detectron2's default config with our keys, merged from ``config_file`` (a yaml path) and
+    ``opts`` (``[key, value, ...]`` as on a command line; values may be strings or Python values).
+    """
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_sparse_rcnn_config(cfg)
+    if config_file is not None:
+        cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    return cfg

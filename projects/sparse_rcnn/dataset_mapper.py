@@ -2,7 +2,7 @@
 ``SparseRCNNDatasetMapper``).
 
 Training: random horizontal flip; then, with ``INPUT.CROP.ENABLED``, in half of the samples a
-resize of the short side to one of (400, 500, 600) followed by a random crop of
+resize of the short side to one of ``INPUT.CROP.RESIZE_SIZES`` followed by a random crop of
 ``INPUT.CROP.TYPE`` / ``INPUT.CROP.SIZE``; then always a multi-scale resize of the short side to
 one of ``INPUT.MIN_SIZE_TRAIN`` (long side at most ``INPUT.MAX_SIZE_TRAIN``). Inference: resize
 to ``INPUT.MIN_SIZE_TEST`` / ``INPUT.MAX_SIZE_TEST``.
@@ -22,8 +22,6 @@ __all__ = ["SparseRCNNDatasetMapper", "build_sparse_rcnn_augmentation"]
 
 logger = logging.getLogger(__name__)
 
-# Short sides of the resize before the random crop, for COCO-size images (official defaults).
-DEFAULT_CROP_RESIZE_SIZES = (400, 500, 600)
 # The training mapper logs one summary of the annotations it dropped after this many images.
 REPORT_DROPPED_AFTER = 500
 
@@ -31,7 +29,7 @@ REPORT_DROPPED_AFTER = 500
 def build_sparse_rcnn_augmentation(
     cfg,
     is_train: bool,
-    crop_resize_sizes: Sequence[int] = DEFAULT_CROP_RESIZE_SIZES,
+    crop_resize_sizes: Optional[Sequence[int]] = None,
     crop_prob: float = 0.5,
 ) -> List[T.Augmentation]:
     """The augmentations of Sparse R-CNN.
@@ -40,7 +38,9 @@ def build_sparse_rcnn_augmentation(
         cfg: a Detectron2 config (``INPUT.*``).
         is_train: training (flip, optional resize + crop, multi-scale resize) or inference
             (single-scale resize).
-        crop_resize_sizes: short sides the image is resized to (one at random) before the crop.
+        crop_resize_sizes: short sides the image is resized to (one at random) before the crop;
+            default ``cfg.INPUT.CROP.RESIZE_SIZES`` (its default, in ``config.py``, is the
+            official 400, 500, 600).
         crop_prob: probability of the resize + crop, when ``INPUT.CROP.ENABLED``.
 
     Returns:
@@ -57,6 +57,8 @@ def build_sparse_rcnn_augmentation(
             )
         )
     if cfg.INPUT.CROP.ENABLED:
+        if crop_resize_sizes is None:
+            crop_resize_sizes = cfg.INPUT.CROP.RESIZE_SIZES
         crop = T.AugmentationList(
             [
                 T.ResizeShortestEdge(list(crop_resize_sizes), sample_style="choice"),
@@ -130,11 +132,9 @@ class SparseRCNNDatasetMapper(DatasetMapper):
         Args:
             cfg, is_train: as in ``DatasetMapper``.
             crop_resize_sizes: short sides of the resize before the crop. Default:
-                ``cfg.INPUT.CROP.RESIZE_SIZES`` (official: 400, 500, 600, for COCO-size images).
+                ``cfg.INPUT.CROP.RESIZE_SIZES``.
             crop_prob: probability of the resize + crop (official: 0.5).
         """
-        if crop_resize_sizes is None:
-            crop_resize_sizes = cfg.INPUT.CROP.RESIZE_SIZES
         ret = super().from_config(cfg, is_train)
         ret["augmentations"] = build_sparse_rcnn_augmentation(
             cfg, is_train, crop_resize_sizes=crop_resize_sizes, crop_prob=crop_prob

@@ -42,13 +42,23 @@ def pooled_feature_names(cfg, input_shape: Dict[str, ShapeSpec]) -> List[str]:
 
 
 def _activation(name: str):
+    """The FFN activation: relu (the paper's) or gelu.
+
+    ``glu`` is rejected: it halves the width (DIM_FEEDFORWARD -> DIM_FEEDFORWARD / 2), so the
+    FFN's second linear layer (DIM_FEEDFORWARD -> HIDDEN_DIM) could not take its output. The
+    official code (DETR's ``_get_activation_fn``) lists it and crashes at the first forward.
+    """
     if name == "relu":
         return F.relu
     if name == "gelu":
         return F.gelu
     if name == "glu":
-        return F.glu
-    raise ValueError(f"MODEL.SPARSE_RCNN.ACTIVATION must be relu, gelu or glu, got {name!r}")
+        raise ValueError(
+            "MODEL.SPARSE_RCNN.ACTIVATION 'glu' is not supported: GLU halves the FFN width, so "
+            "the FFN's second layer (DIM_FEEDFORWARD -> HIDDEN_DIM) cannot take its output; "
+            "use 'relu' (the paper's) or 'gelu'"
+        )
+    raise ValueError(f"MODEL.SPARSE_RCNN.ACTIVATION must be 'relu' or 'gelu', got {name!r}")
 
 
 def _linear_norm_relu_tower(dim: int, num_layers: int) -> nn.Sequential:
