@@ -5,9 +5,12 @@
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth
     python train_net.py --config-file ... --resume
     python train_net.py --config-file configs/sparse_rcnn_quick_cpu.yaml   # CPU, built-in data
+    python train_net.py --config-file configs/sparse_rcnn_quick_cpu.py train.max_iter=100  # LazyConfig
 
 The trainer is Detectron2's DefaultTrainer with the Sparse R-CNN pieces: the paper's data mapper,
 AdamW with a backbone LR multiplier and full-model gradient clipping, and COCOEvaluator.
+A ``.py`` (LazyConfig) config runs through ``sparse_rcnn.lazy_engine.main_lazy`` instead, with the
+same features and Detectron2's ``train.*`` keys, overridden as ``key=value``.
 """
 
 import logging
@@ -24,6 +27,7 @@ from sparse_rcnn.engine import (
     build_sparse_rcnn_train_loader,
     enable_cpu_distributed_training,
 )
+from sparse_rcnn.lazy_engine import is_lazy_config, main_lazy
 from sparse_rcnn.solver import build_optimizer
 
 logger = logging.getLogger("detectron2")
@@ -70,6 +74,8 @@ def setup(args):
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        return main_lazy(args)
     cfg = setup(args)
     enable_cpu_distributed_training()
     if args.eval_only:
