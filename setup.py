@@ -6,6 +6,7 @@ The package lives in ``projects/sparse_rcnn`` and is imported as ``sparse_rcnn``
 install it from ``requirements.txt`` (the PyPI build ``sal-detectron2``) or bring your own source
 build. Everything else the package imports is listed.
 """
+
 from setuptools import setup
 
 setup(
@@ -31,4 +32,6 @@ setup(
         "omegaconf",  # LazyConfig configs
         "tabulate",  # sparse_rcnn.report
     ],
+    # Detectron2's ViT blocks (configs/sparse_rcnn_vitdet_*.py) and Swin's drop path import timm.
+    extras_require={"transformers": ["timm"]},
 )

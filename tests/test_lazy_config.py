@@ -253,7 +253,9 @@ def run_lazy(argv, output_dir, max_iter):
         "train.seed=3",
     ]
     config = str(CONFIG_DIR / "sparse_rcnn_quick_cpu.py")
-    return train_net.main(default_argument_parser().parse_args(["--config-file", config, *argv, *overrides]))
+    return train_net.main(
+        default_argument_parser().parse_args(["--config-file", config, *argv, *overrides])
+    )
 
 
 def test_train_net_trains_resumes_and_evaluates_a_lazy_config(datasets, tmp_path):
@@ -270,7 +272,9 @@ def test_train_net_trains_resumes_and_evaluates_a_lazy_config(datasets, tmp_path
     for stage in (1, 2, 3):  # the quick config's 3 stages, every loss term logged
         for term in ("cls", "l1", "giou"):
             assert f"loss_{term}_stage{stage}" in losses[-1]
-    assert "lr" in losses[-1] and any((out / f).name.startswith("events.out") for f in out.iterdir())
+    assert "lr" in losses[-1] and any(
+        (out / f).name.startswith("events.out") for f in out.iterdir()
+    )
     # --eval-only on the final weights gives the final evaluation of the resumed run.
     evaluated = run_lazy(
         ["--eval-only", f"train.init_checkpoint={out / 'model_final.pth'}"], out, max_iter=3

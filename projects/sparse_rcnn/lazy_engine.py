@@ -56,7 +56,11 @@ def setup_lazy(args):
             raise KeyError(f"The LazyConfig {args.config_file} has no '{key}': see configs/*.py")
     if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
         cfg.train.device = "cpu"
-    if cfg.train.amp.enabled and not str(cfg.train.device).startswith("cuda") and not args.eval_only:
+    if (
+        cfg.train.amp.enabled
+        and not str(cfg.train.device).startswith("cuda")
+        and not args.eval_only
+    ):
         raise ValueError(
             "train.amp.enabled needs a CUDA device (Detectron2's AMPTrainer trains with CUDA "
             f"autocast only), but train.device is {cfg.train.device!r}: set train.amp.enabled=False"
