@@ -285,3 +285,10 @@ def test_train_net_trains_resumes_and_evaluates_a_lazy_config(datasets, tmp_path
 def test_lazy_amp_on_cpu_fails_with_the_key_to_change(tmp_path):
     with pytest.raises(ValueError, match="train.amp.enabled=False"):
         run_lazy(["train.amp.enabled=True"], tmp_path, max_iter=1)
+
+
+def test_cfg_free_augmentation_rejects_an_unknown_flip():
+    from sparse_rcnn.dataset_mapper import sparse_rcnn_train_augmentation
+
+    with pytest.raises(ValueError, match="random_flip must be horizontal, vertical or none"):
+        sparse_rcnn_train_augmentation(random_flip="diagonal")

@@ -72,8 +72,9 @@ def setup_lazy(args):
 
 
 def do_test(cfg, model) -> Dict:
-    """Evaluate ``model`` with ``dataloader.evaluator`` on ``dataloader.test``."""
-    if "evaluator" not in cfg.dataloader:
+    """Evaluate ``model`` with ``dataloader.evaluator`` on ``dataloader.test``; nothing (``{}``)
+    without an evaluator (``dataloader.evaluator=null`` on the command line)."""
+    if cfg.dataloader.get("evaluator") is None:
         return {}
     _prepare_datasets(cfg, "test")
     results = inference_on_dataset(
