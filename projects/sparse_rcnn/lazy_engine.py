@@ -40,7 +40,7 @@ def _dataset_names(dataset_cfg) -> List[str]:
 
 
 def _prepare_datasets(cfg, split: str) -> None:
-    """Generate the built-in datasets that ``cfg.dataloader[split]`` reads (others are untouched)."""
+    """Generate the built-in datasets that ``cfg.dataloader[split]`` reads (others: untouched)."""
     loader = cfg.dataloader.get(split)
     if loader is not None:
         for name in _dataset_names(loader.get("dataset")):
