@@ -17,6 +17,7 @@ from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler
 from detectron2.structures import Boxes, Instances
+from omegaconf import ListConfig
 
 from sparse_rcnn import SparseRCNNDatasetMapper, build_optimizer, register_synthetic_shapes
 
@@ -57,7 +58,47 @@ def test_lazy_and_yaml_twins_build_the_same_model(name):
     trainable = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
     assert count(lazy_model) == count(yaml_model)
     assert trainable(lazy_model) == trainable(yaml_model)  # the same frozen stem and res2
-    assert repr(lazy_model) == repr(yaml_model)  # same modules with the same settings
+    assert repr(lazy_model) == repr(yaml_model)  # same modules with the same layer shapes
+    # ... and the same settings that are not layers: loss and matching weights, OTA and DPG
+    # parameters, proposal count and init, thresholds, box-delta weights, pooler settings.
+    assert settings(lazy_model) == settings(yaml_model)
+    assert settings(yaml_model)["criterion.weights"] == {"cls": 2.0, "l1": 5.0, "giou": 2.0}
+
+
+_SKIP = object()
+
+
+def _plain(value):
+    """A comparable copy of a setting; LazyConfig's instantiate passes lists as ListConfig (as for
+    every Detectron2 LazyConfig model) and the yaml path passes tuples or lists: compare as lists.
+    Tensors, modules and containers of modules are not settings."""
+    if isinstance(value, (ListConfig, list, tuple)):
+        items = [_plain(v) for v in value]
+        return _SKIP if any(v is _SKIP for v in items) else items
+    if isinstance(value, dict):
+        items = {k: _plain(v) for k, v in value.items()}
+        return _SKIP if any(v is _SKIP for v in items.values()) else items
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    return _SKIP
+
+
+def settings(model):
+    """Every plain (non-tensor, non-module) attribute of every submodule, one level into helper
+    objects such as Box2BoxTransform."""
+    out = {}
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_"):
+                continue
+            full = f"{name}.{key}" if name else key
+            plain = _plain(value)
+            if plain is not _SKIP:
+                out[full] = plain
+            elif hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module):
+                helper = {k: _plain(v) for k, v in vars(value).items()}
+                out[full] = {k: v for k, v in helper.items() if v is not _SKIP}
+    return out
 
 
 def test_official_parameter_counts():
