@@ -323,6 +323,12 @@ def test_train_net_trains_resumes_and_evaluates_a_lazy_config(datasets, tmp_path
     assert evaluated["bbox"] == pytest.approx(resumed["bbox"], nan_ok=True)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a CUDA device")
+def test_lazy_cuda_config_without_cuda_fails_with_the_key_to_change(tmp_path):
+    with pytest.raises(RuntimeError, match="add `train.device=cpu`"):
+        run_lazy(["train.device=cuda"], tmp_path, max_iter=1)
+
+
 def test_lazy_amp_on_cpu_fails_with_the_key_to_change(tmp_path):
     with pytest.raises(ValueError, match="train.amp.enabled=False"):
         run_lazy(["train.amp.enabled=True"], tmp_path, max_iter=1)

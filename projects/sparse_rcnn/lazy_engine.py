@@ -55,7 +55,12 @@ def setup_lazy(args):
         if key not in cfg:
             raise KeyError(f"The LazyConfig {args.config_file} has no '{key}': see configs/*.py")
     if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
-        cfg.train.device = "cpu"
+        # No silent switch to the CPU: a COCO config would start a 270k-iteration run there.
+        raise RuntimeError(
+            f"train.device is {cfg.train.device!r} but no CUDA device is available. To run on the "
+            "CPU, add `train.device=cpu` to the train_net.py command line; on a CPU, "
+            "configs/sparse_rcnn_quick_cpu.py (built-in data) is the one to try."
+        )
     if (
         cfg.train.amp.enabled
         and not str(cfg.train.device).startswith("cuda")
@@ -67,7 +72,7 @@ def setup_lazy(args):
         )
     default_setup(cfg, args)
     if cfg.train.device == "cpu":
-        logger.info("No CUDA device: running on the CPU.")
+        logger.info("train.device is cpu: running on the CPU.")
     return cfg
 
 
