@@ -5,20 +5,21 @@
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth
     python train_net.py --config-file ... --resume
     python train_net.py --config-file configs/sparse_rcnn_quick_cpu.yaml   # CPU, built-in data
+    python train_net.py --config-file configs/sparse_rcnn_quick_cpu.py train.max_iter=100  # LazyConfig
 
 The trainer is Detectron2's DefaultTrainer with the Sparse R-CNN pieces: the paper's data mapper,
 AdamW with a backbone LR multiplier and full-model gradient clipping, and COCOEvaluator.
+A ``.py`` (LazyConfig) config runs through ``sparse_rcnn.lazy_engine.main_lazy`` instead, with the
+same features and Detectron2's ``train.*`` keys, overridden as ``key=value``.
 """
 
 import logging
 
-import torch
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.utils import comm
 
 from sparse_rcnn import add_sparse_rcnn_config
-from sparse_rcnn.checks import apply_cpu_threads, check_device, cpu_threads_per_process
+from sparse_rcnn.checks import check_device, cpu_threads_per_process
 from sparse_rcnn.engine import (
     RobustTrainerMixin,
     build_sparse_rcnn_evaluator,
@@ -26,8 +27,9 @@ from sparse_rcnn.engine import (
     build_sparse_rcnn_train_loader,
     enable_cpu_distributed_training,
     load_model_weights,
-    setup_package_logger,
+    setup_process_runtime,
 )
+from sparse_rcnn.lazy_engine import is_lazy_config, main_lazy
 from sparse_rcnn.solver import build_optimizer
 
 logger = logging.getLogger("detectron2")
@@ -68,22 +70,17 @@ def setup(args):
         )
     cfg.freeze()
     default_setup(cfg, args)
-    setup_package_logger(cfg.OUTPUT_DIR)
     if cfg.MODEL.DEVICE == "cpu":
-        # Late in Dynamic Sparse R-CNN training, subnormal floats made CPU steps about 2.3x slower
-        # (0.9 s vs 0.39 s from a trained quick-config model, measured when issue 13 was filed;
-        # re-measure with benchmarks/ablate_dynamic.py --late-steps). Flushing them to zero is a
-        # per-process setting of the runtime, so it is made here, not inside the model.
-        torch.set_flush_denormal(True)
         logger.info("MODEL.DEVICE cpu: running on the CPU.")
     return cfg
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        return main_lazy(args)
     cfg = setup(args)
     enable_cpu_distributed_training()
-    if comm.get_world_size() > 1:
-        apply_cpu_threads()  # each process its share of the cores (cpu_threads_per_process)
+    setup_process_runtime(cfg.MODEL.DEVICE, cfg.OUTPUT_DIR)  # logging, CPU threads, subnormals
     if args.eval_only:
         model = Trainer.build_model(cfg)
         load_model_weights(model, cfg, resume=args.resume)

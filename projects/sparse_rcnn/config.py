@@ -9,6 +9,10 @@ from typing import Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 
+# Short sides of the resize before the random crop (official, for COCO-size images). The one copy:
+# the yacs key INPUT.CROP.RESIZE_SIZES and sparse_rcnn_train_augmentation's default use it.
+CROP_RESIZE_SIZES = (400, 500, 600)
+
 
 def add_sparse_rcnn_config(cfg: CN) -> None:
     """Add the ``MODEL.SPARSE_RCNN`` node and the solver keys the trainer needs to ``cfg``."""
@@ -119,7 +123,7 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
     # ---- Data (used by sparse_rcnn.dataset_mapper) ----
     # With INPUT.CROP.ENABLED, half of the training samples are first resized to one of these short
     # sides, then randomly cropped (INPUT.CROP.TYPE/SIZE), then multi-scale resized (official).
-    cfg.INPUT.CROP.RESIZE_SIZES = (400, 500, 600)
+    cfg.INPUT.CROP.RESIZE_SIZES = CROP_RESIZE_SIZES
 
     # ---- Solver (used by sparse_rcnn.solver.build_optimizer) ----
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"

@@ -18,7 +18,13 @@ from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-__all__ = ["SparseRCNNDatasetMapper", "build_sparse_rcnn_augmentation"]
+from .config import CROP_RESIZE_SIZES
+
+__all__ = [
+    "SparseRCNNDatasetMapper",
+    "build_sparse_rcnn_augmentation",
+    "sparse_rcnn_train_augmentation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +38,7 @@ def build_sparse_rcnn_augmentation(
     crop_resize_sizes: Optional[Sequence[int]] = None,
     crop_prob: float = 0.5,
 ) -> List[T.Augmentation]:
-    """The augmentations of Sparse R-CNN.
+    """The augmentations of Sparse R-CNN, from a yacs config.
 
     Args:
         cfg: a Detectron2 config (``INPUT.*``).
@@ -44,33 +50,67 @@ def build_sparse_rcnn_augmentation(
         crop_prob: probability of the resize + crop, when ``INPUT.CROP.ENABLED``.
 
     Returns:
-        Augmentations, applied in order.
+        Augmentations, applied in order (see :func:`sparse_rcnn_train_augmentation`).
     """
     if not is_train:
         return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
+    crop = cfg.INPUT.CROP
+    return sparse_rcnn_train_augmentation(
+        min_size=cfg.INPUT.MIN_SIZE_TRAIN,
+        max_size=cfg.INPUT.MAX_SIZE_TRAIN,
+        sample_style=cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
+        random_flip=cfg.INPUT.RANDOM_FLIP,
+        crop_type=crop.TYPE if crop.ENABLED else None,
+        crop_size=crop.SIZE,
+        crop_resize_sizes=crop.RESIZE_SIZES if crop_resize_sizes is None else crop_resize_sizes,
+        crop_prob=crop_prob,
+    )
+
+
+def sparse_rcnn_train_augmentation(
+    *,
+    min_size: Sequence[int] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800),
+    max_size: int = 1333,
+    sample_style: str = "choice",
+    random_flip: str = "horizontal",
+    crop_type: Optional[str] = None,
+    crop_size: Sequence[float] = (384, 600),
+    crop_resize_sizes: Sequence[int] = CROP_RESIZE_SIZES,
+    crop_prob: float = 0.5,
+) -> List[T.Augmentation]:
+    """The training augmentations of Sparse R-CNN without a config (LazyConfig configs call it).
+
+    Random flip; then, if ``crop_type`` is given, with probability ``crop_prob`` a resize of the
+    short side to one of ``crop_resize_sizes`` followed by ``T.RandomCrop(crop_type, crop_size)``;
+    then the multi-scale resize of the short side to ``min_size`` (long side <= ``max_size``).
+    Defaults: the paper's and the official ones ("crop" models: ``crop_type="absolute_range"``).
+
+    Args:
+        min_size, max_size, sample_style: ``T.ResizeShortestEdge`` of the multi-scale resize.
+        random_flip: "horizontal", "vertical" or "none".
+        crop_type, crop_size: ``T.RandomCrop``; ``crop_type=None`` disables the resize + crop.
+        crop_resize_sizes: short sides of the resize before the crop (one at random).
+        crop_prob: probability of the resize + crop.
+
+    Returns:
+        Augmentations, applied in order.
+    """
+    if random_flip not in ("horizontal", "vertical", "none"):
+        raise ValueError(f"random_flip must be horizontal, vertical or none, got {random_flip!r}")
     augs = []
-    if cfg.INPUT.RANDOM_FLIP != "none":
+    if random_flip != "none":
         augs.append(
-            T.RandomFlip(
-                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
-                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
-            )
+            T.RandomFlip(horizontal=random_flip == "horizontal", vertical=random_flip == "vertical")
         )
-    if cfg.INPUT.CROP.ENABLED:
-        if crop_resize_sizes is None:
-            crop_resize_sizes = cfg.INPUT.CROP.RESIZE_SIZES
+    if crop_type is not None:
         crop = T.AugmentationList(
             [
                 T.ResizeShortestEdge(list(crop_resize_sizes), sample_style="choice"),
-                T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE),
+                T.RandomCrop(crop_type, crop_size),
             ]
         )
         augs.append(T.RandomApply(crop, prob=crop_prob))
-    augs.append(
-        T.ResizeShortestEdge(
-            cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
-        )
-    )
+    augs.append(T.ResizeShortestEdge(min_size, max_size, sample_style))
     return augs
 
 

@@ -2,7 +2,7 @@
 gradient clipping (the L2 norm of all gradients together), which Detectron2 does not offer."""
 
 import itertools
-from typing import Type
+from typing import Iterable, Type
 
 import torch
 from detectron2.config import CfgNode
@@ -29,6 +29,41 @@ def maybe_add_full_model_gradient_clipping(
     return FullModelGradientClippingOptimizer
 
 
+class BackboneLRMultiplier:
+    """``lr_factor_func`` of ``get_default_optimizer_params``: ``multiplier`` for every parameter
+    whose name contains "backbone", 1 for the others (``SOLVER.BACKBONE_MULTIPLIER``).
+
+    A class rather than a lambda, so that a LazyConfig can build it and override ``multiplier``
+    (``optimizer.params.lr_factor_func.multiplier=0.1``).
+    """
+
+    def __init__(self, multiplier: float = 1.0):
+        self.multiplier = multiplier
+
+    def __call__(self, name: str) -> float:
+        return self.multiplier if "backbone" in name else 1.0
+
+
+def full_model_clipped_optimizer(
+    *,
+    params: Iterable,
+    optimizer_type: Type[torch.optim.Optimizer] = torch.optim.AdamW,
+    clip_norm: float = 1.0,
+    **kwargs,
+) -> torch.optim.Optimizer:
+    """``optimizer_type(params, **kwargs)`` whose ``step`` first clips the L2 norm of all gradients
+    together to ``clip_norm`` (no clipping when ``clip_norm <= 0``): the cfg-free builder of the
+    optimizer that :func:`build_optimizer` makes from ``SOLVER.*``, for LazyConfig configs.
+
+    Args:
+        params: parameters or parameter groups (``get_default_optimizer_params(model, ...)``).
+        optimizer_type: a ``torch.optim.Optimizer`` class (paper: AdamW).
+        clip_norm: max total gradient norm (paper: 1.0).
+        kwargs: the optimizer's own arguments (``lr``, ``weight_decay``, ``betas``, ...).
+    """
+    return maybe_add_full_model_gradient_clipping(optimizer_type, clip_norm)(params, **kwargs)
+
+
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The official solver through Detectron2's parameter grouping.
 
@@ -47,7 +82,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-        lr_factor_func=lambda name: multiplier if "backbone" in name else 1.0,
+        lr_factor_func=BackboneLRMultiplier(multiplier),
     )
     clip = cfg.SOLVER.CLIP_GRADIENTS
     full_model = clip.ENABLED and clip.CLIP_TYPE == "full_model"
