@@ -354,7 +354,14 @@ class DynamicHead(nn.Module):
         D = 64). glibc serves blocks that large with fresh pages from the kernel, so allocating
         them once per stage costs a page fault per 4 KiB every time (about 40 ms per stage for
         one image); the stages run one after the other, so one buffer serves them all. Not with
-        autograd (training keeps every stage's parameters for the backward), autocast or CUDA.
+        autograd (training keeps every stage's parameters for the backward), autocast, CUDA or
+        tracing (an export runtime allocates its own buffers; ``addmm(out=)`` has no ONNX export).
+
+        Does eager inference still need it? ``benchmarks/bench_export.py`` times eager with and
+        without it (``workspace_gain``): 1.02x (24.9 s vs 25.3 s for R-50, 300 proposals,
+        800x1216, 2 threads, measured with load average 9.7 on the 2-core machine, so not
+        conclusive); the quiet-machine figure is to be re-measured with
+        ``python benchmarks/bench_export.py --threads 2`` before deciding to remove it.
         """
         if (
             torch.is_grad_enabled()
