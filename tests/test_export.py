@@ -18,17 +18,16 @@ import sys
 
 import cv2
 import numpy as np
+import onnxruntime
 import pytest
 import torch
-from conftest import CONFIG_DIR, REPO_ROOT, TINY_CONFIG, make_cfg
+from conftest import CONFIG_DIR, TINY_CONFIG, make_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from sparse_rcnn import export as sparse_export
 from sparse_rcnn.onnx_predictor import INPUT_NAME, OUTPUT_NAMES, ONNXRuntimePredictor
-
-onnxruntime = pytest.importorskip("onnxruntime")
 
 EXPORT_SIZE = (128, 160)
 CANDIDATE_SIZES = [(96, 200), (160, 128), (112, 144)]
@@ -118,10 +117,25 @@ class Exported:
         return self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: image.numpy()})
 
 
+_EXPORTED = {}  # every model is exported once per test session
+
+
+def _get_exported(name, tmp_path_factory):
+    if name not in _EXPORTED:
+        torch.set_num_threads(1)
+        _EXPORTED[name] = Exported(name, tmp_path_factory.mktemp(f"export_{name}"))
+    return _EXPORTED[name]
+
+
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def exported(request, tmp_path_factory):
-    torch.set_num_threads(1)
-    return Exported(request.param, tmp_path_factory.mktemp(f"export_{request.param}"))
+    return _get_exported(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny model's export, for the tests that do not depend on the model."""
+    return _get_exported("tiny", tmp_path_factory)
 
 
 def test_export_leaves_model_in_eval_mode_with_fast_paths_restored(exported):
@@ -172,6 +186,7 @@ _FRESH_PROCESS = r"""
 import json, sys
 import numpy as np
 import onnxruntime
+import onnxruntime
 options = onnxruntime.SessionOptions()
 options.intra_op_num_threads = 1
 session = onnxruntime.InferenceSession(sys.argv[1], options)
@@ -187,14 +202,12 @@ np.savez(sys.argv[4], *onnx_out, *ts_out)
 """
 
 
-def test_exported_files_load_and_run_in_a_fresh_process(exported, tmp_path):
-    if exported.name != "tiny":
-        pytest.skip("model-independent: the tiny model covers it")
-    image = exported.images[0]
+def test_exported_files_load_and_run_in_a_fresh_process(tiny, tmp_path):
+    image = tiny.images[0]
     np.save(tmp_path / "image.npy", image.numpy())
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no sparse_rcnn on the path
     subprocess.run(
-        [sys.executable, "-c", _FRESH_PROCESS, exported.onnx_path, exported.ts_path]
+        [sys.executable, "-c", _FRESH_PROCESS, tiny.onnx_path, tiny.ts_path]
         + [str(tmp_path / "image.npy"), str(tmp_path / "out.npz")],
         check=True,
         cwd=tmp_path,
@@ -203,20 +216,18 @@ def test_exported_files_load_and_run_in_a_fresh_process(exported, tmp_path):
     )
     out = np.load(tmp_path / "out.npz")
     onnx_out, ts_out = [out[f"arr_{i}"] for i in range(3)], [out[f"arr_{i}"] for i in range(3, 6)]
-    expected = eager(exported.model, image)
+    expected = eager(tiny.model, image)
     assert_same_detections(expected, onnx_out, 1e-4, 1e-3)
     assert_same_detections(expected, ts_out, 1e-5, 1e-5 * 256)
 
 
-def test_onnx_predictor_matches_default_predictor(exported, tmp_path):
-    if exported.name != "tiny":
-        pytest.skip("model-independent: the tiny model covers it")
+def test_onnx_predictor_matches_default_predictor(tiny, tmp_path):
     weights = tmp_path / "model.pth"
-    DetectionCheckpointer(exported.model, save_dir=str(tmp_path)).save("model")
-    cfg = exported.cfg.clone()
+    DetectionCheckpointer(tiny.model, save_dir=str(tmp_path)).save("model")
+    cfg = tiny.cfg.clone()
     cfg.MODEL.WEIGHTS = str(weights)
     default = DefaultPredictor(cfg)
-    onnx_predictor = ONNXRuntimePredictor(exported.onnx_path, num_threads=1)  # settings: metadata
+    onnx_predictor = ONNXRuntimePredictor(tiny.onnx_path, num_threads=1)  # settings: metadata
     rng = np.random.default_rng(0)
     # Not the export size, not the network's input size: resized (to 128 short side) and back.
     bgr = rng.integers(0, 256, size=(150, 230, 3), dtype=np.uint8)

@@ -294,9 +294,9 @@ class SparseRCNN(nn.Module):
 def _image_whwh(image_sizes, device) -> torch.Tensor:
     """(B, 4) float32 (w, h, w, h) of the (h, w) ``image_sizes``: Python ints in eager mode, 0-dim
     tensors while tracing (``shapes_to_tensor`` keeps them traced instead of freezing them)."""
-    return torch.stack(
-        [shapes_to_tensor([w, h, w, h], device) for h, w in image_sizes]
-    ).to(dtype=torch.float32, device=device)
+    return torch.stack([shapes_to_tensor([w, h, w, h], device) for h, w in image_sizes]).to(
+        dtype=torch.float32, device=device
+    )
 
 
 def _batched_nms(
