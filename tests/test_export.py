@@ -294,3 +294,35 @@ def test_torchscript_file_carries_the_settings(exported):
     files = {"sparse_rcnn.json": ""}
     torch.jit.load(exported.ts_path, _extra_files=files)
     assert json.loads(files["sparse_rcnn.json"]) == exported.settings
+
+
+def test_traced_fast_pooler_equals_detectron2_pooler_exactly():
+    """While tracing, FastROIPooler pools each level and gathers the RoIs back into input order
+    (no index_put_): the same values, bit for bit, as ROIPooler, for RoIs of every level."""
+    from detectron2.modeling.poolers import ROIPooler
+    from detectron2.structures import Boxes
+
+    from sparse_rcnn.poolers import FastROIPooler
+
+    args = dict(output_size=7, scales=(1 / 4, 1 / 8, 1 / 16, 1 / 32), sampling_ratio=2)
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(2, 8, 256 // s, 320 // s, generator=g) for s in (4, 8, 16, 32)]
+    # Sizes from 8 to 512 px: canonical level 4 at 224 px spreads them over all four levels.
+    sizes = torch.tensor([8.0, 30, 60, 120, 250, 500, 16, 100, 224, 448])
+    xy = torch.rand(10, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + sizes[:, None]], dim=1)
+    box_lists = [Boxes(boxes[:6]), Boxes(boxes[6:])]
+    reference = ROIPooler(pooler_type="ROIAlignV2", **args)(features, box_lists)
+    fast = FastROIPooler(pooler_type="ROIAlignV2", **args)
+
+    def pool(b0, b1, *maps):
+        return fast(list(maps), [Boxes(b0), Boxes(b1)])
+
+    traced = torch.jit.trace(pool, (boxes[:6], boxes[6:], *features), check_trace=False)
+    assert torch.equal(traced(boxes[:6], boxes[6:], *features), reference)
+    # Other boxes (another level mix) through the same trace.
+    boxes2 = boxes.flip(0)
+    reference2 = ROIPooler(pooler_type="ROIAlignV2", **args)(
+        features, [Boxes(boxes2[:6]), Boxes(boxes2[6:])]
+    )
+    assert torch.equal(traced(boxes2[:6], boxes2[6:], *features), reference2)
