@@ -358,9 +358,9 @@ class DynamicHead(nn.Module):
         tracing (an export runtime allocates its own buffers; ``addmm(out=)`` has no ONNX export).
 
         Does eager inference still need it? ``benchmarks/bench_export.py`` times eager with and
-        without it (``workspace_gain``): 1.02x (24.9 s vs 25.3 s for R-50, 300 proposals,
-        800x1216, 2 threads, measured with load average 9.7 on the 2-core machine, so not
-        conclusive); the quiet-machine figure is to be re-measured with
+        without it (``workspace_gain``): 1.02x twice (24.9 s vs 25.3 s and 10.07 s vs 10.25 s,
+        R-50, 300 proposals, 800x1216, 2 threads, at load averages 9.7 and 3.3 on the 2-core
+        machine, so not conclusive); the quiet-machine figure is to be re-measured with
         ``python benchmarks/bench_export.py --threads 2`` before deciding to remove it.
         """
         if (
