@@ -296,6 +296,8 @@ def test_torchscript_file_carries_the_settings(exported):
     assert json.loads(files["sparse_rcnn.json"]) == exported.settings
 
 
+# Detectron2's and torchvision's asserts on traced sizes; the trace is checked at other boxes.
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_traced_fast_pooler_equals_detectron2_pooler_exactly():
     """While tracing, FastROIPooler pools each level and gathers the RoIs back into input order
     (no index_put_): the same values, bit for bit, as ROIPooler, for RoIs of every level."""
