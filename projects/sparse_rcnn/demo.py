@@ -5,7 +5,8 @@
         --confidence-threshold 0.3 --opts MODEL.WEIGHTS output/quick_cpu/model_final.pth
 
 ``--dataset synthetic_shapes_val --num-images 8`` takes the images of a registered dataset instead
-of ``--input``.
+of ``--input``. ``--onnx model.onnx`` runs an exported graph with ONNX Runtime instead of the
+PyTorch model (``python -m sparse_rcnn.export``).
 """
 
 import argparse
@@ -106,6 +107,12 @@ def get_parser():
     parser.add_argument("--output", required=True, help="folder for the drawn images")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
     parser.add_argument("--max-detections", type=int, default=None, help="draw at most this many")
+    parser.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="run this exported ONNX graph with ONNX Runtime instead of the PyTorch model "
+        "(python -m sparse_rcnn.export); the config gives the dataset and the preprocessing",
+    )
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE pairs")
     return parser
 
@@ -117,15 +124,20 @@ def main(argv=None):
     # top-k, threshold and NMS commute for the kept ones), so that the demo can report the highest
     # score when nothing passes it.
     cfg = setup_cfg(args.config_file, args.opts, 0.0)
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning(
-            "MODEL.WEIGHTS is empty: the model is untrained (random weights) and its detections "
-            "mean nothing. Add --opts MODEL.WEIGHTS path/to/model_final.pth (e.g. "
-            "output/quick_cpu/model_final.pth after `make demo`)."
-        )
-    check_weights_file(cfg.MODEL.WEIGHTS)
-    with explain_checkpoint_errors(cfg.MODEL.WEIGHTS):
-        predictor = DefaultPredictor(cfg)
+    if args.onnx:
+        from .onnx_predictor import ONNXRuntimePredictor
+
+        predictor = ONNXRuntimePredictor(args.onnx, cfg)
+    else:
+        if not cfg.MODEL.WEIGHTS:
+            logger.warning(
+                "MODEL.WEIGHTS is empty: the model is untrained (random weights) and its "
+                "detections mean nothing. Add --opts MODEL.WEIGHTS path/to/model_final.pth (e.g. "
+                "output/quick_cpu/model_final.pth after `make demo`)."
+            )
+        check_weights_file(cfg.MODEL.WEIGHTS)
+        with explain_checkpoint_errors(cfg.MODEL.WEIGHTS):
+            predictor = DefaultPredictor(cfg)
     dataset = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
     metadata = MetadataCatalog.get(dataset)
     records = {}

@@ -9,10 +9,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import batched_nms
+from detectron2.layers import batched_nms, shapes_to_tensor
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
+from torchvision.ops import nms
 
 from .checks import validate_batched_inputs
 from .criterion import build_criterion, prepare_targets
@@ -135,23 +136,26 @@ class SparseRCNN(nn.Module):
         images = []
         for i, x in enumerate(batched_inputs):
             image = x["image"]
-            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
-                raise ValueError(
-                    f"Expected each input 'image' as a ({self.pixel_mean.shape[0]}, H, W) tensor, "
-                    f"got shape {tuple(image.shape)} (input {i})"
-                )
-            if image.shape[1] == 0 or image.shape[2] == 0:
-                raise ValueError(f"Input image has zero size: {tuple(image.shape)} (input {i})")
+            # Checked in eager mode only: while tracing, sizes are tensors, and a Python test on
+            # them would freeze them into the trace.
+            if not torch.jit.is_tracing():
+                self._check_image(image, i)
             images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
         images = ImageList.from_tensors(
             images,
             self.backbone.size_divisibility,
             padding_constraints=self.backbone.padding_constraints,
         )
-        image_whwh = torch.tensor(
-            [[w, h, w, h] for h, w in images.image_sizes], dtype=torch.float32, device=self.device
-        )
-        return images, image_whwh
+        return images, _image_whwh(images.image_sizes, self.device)
+
+    def _check_image(self, image: torch.Tensor, index: int) -> None:
+        if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
+            raise ValueError(
+                f"Expected each input 'image' as a ({self.pixel_mean.shape[0]}, H, W) tensor, "
+                f"got shape {tuple(image.shape)} (input {index})"
+            )
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"Input image has zero size: {tuple(image.shape)} (input {index})")
 
     def forward(self, batched_inputs: List[Dict]):
         """
@@ -263,11 +267,11 @@ class SparseRCNN(nn.Module):
             keep = topk_scores > self.score_thresh_test
             topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
             if self.nms_thresh_test is not None:
-                # Clip first (as Detectron2's own inference does) so that NMS sees the final boxes.
-                clipped = Boxes(boxes)
-                clipped.clip(image_size)
-                boxes = clipped.tensor
-                keep = batched_nms(boxes, topk_scores, classes, self.nms_thresh_test)
+                # Clip first (as Detectron2's own inference does) so that NMS sees the final boxes:
+                # Boxes.clip's clamp(0, w) / clamp(0, h), with the size as a tensor (traceable).
+                image_whwh = _image_whwh([image_size], boxes.device)
+                boxes = torch.min(boxes.clamp(min=0), image_whwh)
+                keep = _batched_nms(boxes, topk_scores, classes, self.nms_thresh_test)
                 topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
             result = Instances(image_size)
             result.pred_boxes = Boxes(boxes)
@@ -287,3 +291,27 @@ class SparseRCNN(nn.Module):
             width = input_per_image.get("width", image_size[1])
             processed.append({"instances": detector_postprocess(result, height, width)})
         return processed
+
+
+def _image_whwh(image_sizes, device) -> torch.Tensor:
+    """(B, 4) float32 (w, h, w, h) of the (h, w) ``image_sizes``: Python ints in eager mode, 0-dim
+    tensors while tracing (``shapes_to_tensor`` keeps them traced instead of freezing them)."""
+    return torch.stack([shapes_to_tensor([w, h, w, h], device) for h, w in image_sizes]).to(
+        dtype=torch.float32, device=device
+    )
+
+
+def _batched_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """Class-aware NMS: Detectron2's ``batched_nms`` in eager mode; while tracing, the same
+    coordinate trick that torchvision's ``batched_nms`` uses for fewer than 1000 boxes, written
+    without its ``if boxes.numel() == 0`` (which a trace would freeze). The boxes are clipped
+    (>= 0), so padding the maximum with a 0 leaves it unchanged and makes it defined for no boxes.
+    """
+    if not torch.jit.is_tracing():
+        return batched_nms(boxes, scores, classes, iou_threshold)
+    boxes = boxes.float()
+    max_coordinate = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    offsets = classes.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
+    return nms(boxes + offsets[:, None], scores, iou_threshold)

@@ -179,7 +179,9 @@ class DynamicProposalGenerator(nn.Module):
             x = features[0]
             for conv, level in zip(self.stairs, features[1:]):
                 x = conv(x)
-                if x.shape[-2:] != level.shape[-2:]:
+                # While tracing, always resize (to the same size it is the identity, exactly):
+                # a Python test of the traced sizes would freeze the export size into the graph.
+                if torch.jit.is_tracing() or x.shape[-2:] != level.shape[-2:]:
                     x = F.interpolate(
                         x, size=level.shape[-2:], mode="bilinear", align_corners=False
                     )

@@ -123,8 +123,9 @@ class DynamicConv(nn.Module):
         param1, param2 = parameters.split(self.num_params, dim=1)
         param1 = param1.view(-1, self.hidden_dim, self.dim_dynamic)
         param2 = param2.view(-1, self.dim_dynamic, self.hidden_dim)
-        # Without autograd nothing keeps the LayerNorm outputs: apply the ReLUs in place.
-        inplace = not torch.is_grad_enabled()
+        # Without autograd nothing keeps the LayerNorm outputs: apply the ReLUs in place (not
+        # while tracing: in-place ops slow the ONNX exporter's passes down, by about 15%).
+        inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing()
         features = F.relu(self.norm1(torch.bmm(roi_features, param1)), inplace=inplace)
         features = F.relu(self.norm2(torch.bmm(features, param2)), inplace=inplace)
         # Flatten position-major, channel-minor: the official out_layer weights expect this order.
@@ -363,10 +364,18 @@ class DynamicHead(nn.Module):
         D = 64). glibc serves blocks that large with fresh pages from the kernel, so allocating
         them once per stage costs a page fault per 4 KiB every time (about 40 ms per stage for
         one image); the stages run one after the other, so one buffer serves them all. Not with
-        autograd (training keeps every stage's parameters for the backward), autocast or CUDA.
+        autograd (training keeps every stage's parameters for the backward), autocast, CUDA or
+        tracing (an export runtime allocates its own buffers; ``addmm(out=)`` has no ONNX export).
+
+        Does eager inference still need it? ``benchmarks/bench_export.py`` times eager with and
+        without it (``workspace_gain``): 1.02x twice (24.9 s vs 25.3 s and 10.07 s vs 10.25 s,
+        R-50, 300 proposals, 800x1216, 2 threads, at load averages 9.7 and 3.3 on the 2-core
+        machine, so not conclusive); the quiet-machine figure is to be re-measured with
+        ``python benchmarks/bench_export.py --threads 2`` before deciding to remove it.
         """
         if (
             torch.is_grad_enabled()
+            or torch.jit.is_tracing()  # addmm(out=) has no ONNX export; a trace needs no buffer
             or proposal_features.device.type != "cpu"
             or torch.is_autocast_cpu_enabled()
         ):

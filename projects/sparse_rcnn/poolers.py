@@ -34,7 +34,11 @@ from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
+from detectron2.modeling.poolers import (
+    ROIPooler,
+    assign_boxes_to_levels,
+    convert_boxes_to_pooler_format,
+)
 from detectron2.structures import Boxes
 from detectron2.utils.tracing import is_fx_tracing
 
@@ -301,6 +305,8 @@ class FastROIPooler(ROIPooler):
             concatenated ``box_lists``. On the fast path its memory is channels-last.
         """
         if not isinstance(x, PreparedFeatures):
+            if torch.jit.is_tracing():
+                return self._forward_traceable(x, box_lists)
             if not self._use_fast_path(x):
                 return super().forward(x, box_lists)
             x = self.prepare(x)
@@ -325,6 +331,25 @@ class FastROIPooler(ROIPooler):
         else:
             pooled = F.embedding_bag(cols, matrix, mode="sum", per_sample_weights=weights)
         return pooled.view(total, out_h, out_w, channels).permute(0, 3, 1, 2)
+
+    def _forward_traceable(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
+        """ROIPooler's forward for tracing: the same values in the same order, without its
+        ``index_put_`` of every level's RoIs into a zero tensor (4 ONNX ScatterND per call, each
+        writing the whole output): the levels' RoIs are pooled, concatenated and put back in
+        input order with one gather by the inverse permutation.
+        """
+        pooler_fmt_boxes = convert_boxes_to_pooler_format(box_lists)
+        if len(self.level_poolers) == 1:
+            return self.level_poolers[0](x[0], pooler_fmt_boxes)
+        levels = assign_boxes_to_levels(
+            box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
+        )
+        order, pooled = [], []
+        for level, pooler in enumerate(self.level_poolers):
+            inds = torch.nonzero(levels == level).squeeze(1)
+            order.append(inds)
+            pooled.append(pooler(x[level], pooler_fmt_boxes[inds]))
+        return torch.cat(pooled)[torch.argsort(torch.cat(order))]
 
     def _sampling_entries(
         self, x: PreparedFeatures, box_lists: List[Boxes], num_boxes: List[int]

@@ -1,0 +1,127 @@
+"""ONNX Runtime vs eager PyTorch: Sparse R-CNN R-50-FPN, 300 proposals, one 800x1216 image, CPU.
+
+Exports configs/sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml (random weights, seed 0) with
+``sparse_rcnn.export.export_onnx`` (or takes ``--onnx FILE``, exported from the same seed) and
+times, round robin, on the same random image with the same number of threads:
+
+* ``eager``: ``model.inference([{"image": image}], do_postprocess=False)`` under
+  ``torch.no_grad()`` (what ``DefaultPredictor`` runs, without its resize);
+* ``eager_no_workspace``: the same without the head's reused dynamic-parameter buffer
+  (``DynamicHead._dynamic_parameter_workspace``), to see whether eager still needs it;
+* ``onnxruntime``: the exported graph in an ``InferenceSession`` (CPU provider, all graph
+  optimisations, ``intra_op_num_threads`` = ``--threads``).
+
+It checks that the detections are identical (same number, order and classes, scores within 1e-4,
+boxes within 0.01 px: the 1e-3 px of the tests is 1e-6 of the ~1000-px coordinates here, about
+8 float32 ulps, and 6 stages at 300 proposals measured 1.7e-3 px) and prints one JSON record with min/median/max of each, the speed-up
+(eager median / ONNX Runtime median), the target (>= 1.7x) and the load average. As in the tests
+(tests/test_export.py), the random model's box-delta layers are scaled by ``--delta-scale``
+(0.1) so that its boxes stay on the image as a trained model's do (the same operations run).
+
+Usage:
+    python benchmarks/bench_export.py [--threads 2] [--repeats 5] [--onnx out/r50_300.onnx]
+"""
+
+import argparse
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+import common
+from common import Recorder
+
+CONFIG = "sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml"
+TARGET_SPEEDUP = 1.7
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.common_args(parser, "export.jsonl")
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1216)
+    parser.add_argument("--delta-scale", type=float, default=0.1)
+    parser.add_argument("--onnx", default=None, help="an exported graph of the same model")
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+
+    from sparse_rcnn.export import _max_difference, export_onnx, inference_func
+
+    torch.set_num_threads(args.threads)
+    rec = Recorder(args.out, common.environment(args.threads, torch.device("cpu")))
+    rec.extra.update({"onnxruntime": ort.__version__, "quick": args.quick})
+    common.warn_if_busy()
+    cfg = common.make_cfg(CONFIG)
+    model = common.build_model(cfg, seed=0).eval()
+    with torch.no_grad():
+        for stage in model.head.head_series:
+            stage.bboxes_delta.weight.mul_(args.delta_scale)
+            stage.bboxes_delta.bias.mul_(args.delta_scale)
+    image = common.random_image(args.height, args.width, torch.Generator().manual_seed(0))
+
+    path = args.onnx
+    if path is None:
+        path = os.path.join(tempfile.mkdtemp(prefix="bench_export_"), "model.onnx")
+        export_onnx(model, image, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {"image": image.numpy()}
+
+    outputs = {}
+
+    def eager():
+        with torch.no_grad():
+            outputs["eager"] = inference_func(model, image)
+
+    head = model.head
+
+    def eager_no_workspace():
+        head._dynamic_parameter_workspace = lambda proposal_features: None
+        try:
+            with torch.no_grad():
+                outputs["eager_no_workspace"] = inference_func(model, image)
+        finally:
+            del head._dynamic_parameter_workspace
+
+    def onnxruntime():
+        outputs["onnxruntime"] = session.run(["boxes", "scores", "classes"], feed)
+
+    fns = {"eager": eager, "eager_no_workspace": eager_no_workspace, "onnxruntime": onnxruntime}
+    warmup = args.warmup if args.warmup is not None else 1
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    rec.begin()
+    times = common.time_interleaved(fns, warmup, repeats, torch.device("cpu"))
+    diff = _max_difference(outputs["eager"], outputs["onnxruntime"])
+    stats = {name: common.stats_ms(t) for name, t in times.items()}
+    speedup = stats["eager"]["median_ms"] / stats["onnxruntime"]["median_ms"]
+    rec.emit(
+        {
+            "bench": "export_onnxruntime_vs_eager",
+            "config": common.config_text(CONFIG, []),
+            "input": [3, args.height, args.width],
+            "delta_scale": args.delta_scale,
+            "warmup": warmup,
+            "repeats": repeats,
+            **{f"{name}_{k}": v for name, s in stats.items() for k, v in s.items()},
+            "speedup_onnxruntime_vs_eager": round(speedup, 3),
+            "workspace_gain": round(
+                stats["eager_no_workspace"]["median_ms"] / stats["eager"]["median_ms"], 3
+            ),
+            "detections": int(len(np.asarray(outputs["eager"][1]))),
+            "max_score_diff": None if diff is None else diff[0],
+            "max_box_diff_px": None if diff is None else diff[1],
+            "identical_detections": diff is not None and diff[0] <= 1e-4 and diff[1] <= 1e-2,
+            "target_speedup": TARGET_SPEEDUP,
+            "target_pass": speedup >= TARGET_SPEEDUP,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Export to TorchScript and ONNX (sparse_rcnn.export) and the ONNX Runtime predictor.
+
+Every model is exported once (module fixtures) at the export size and then compared with eager
+inference at two other sizes and on an image where nothing passes the score threshold.
+
+The test models are randomly initialised, with every stage's box-delta layer scaled by 0.1 (see
+:func:`well_conditioned`): with the plain random init the boxes grow or shrink by e^{+-1} per stage
+and leave the image, where RoIAlign is discontinuous (a sample that crosses the border at -1 or H
+switches from its bilinear value to 0), so rounding differences of 1e-7 between two kernels (even
+PyTorch's MHA fast path against its slow path) grow to pixels after a few stages. A trained model
+keeps its boxes on the image; the scaled deltas do the same for a random one.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from conftest import CONFIG_DIR, TINY_CONFIG, make_cfg
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import DefaultPredictor
+from detectron2.modeling import build_model
+
+from sparse_rcnn import export as sparse_export
+from sparse_rcnn.onnx_predictor import INPUT_NAME, OUTPUT_NAMES, ONNXRuntimePredictor
+
+EXPORT_SIZE = (128, 160)
+CANDIDATE_SIZES = [(96, 200), (160, 128), (112, 144)]
+
+TINY_TWO_STAGES = ["MODEL.SPARSE_RCNN.NUM_STAGES", "2"]
+DYNAMIC_OPTS = TINY_TWO_STAGES + [
+    "MODEL.SPARSE_RCNN.PROPOSAL_GENERATOR",
+    "DynamicProposalGenerator",
+    "MODEL.SPARSE_RCNN.DPG.FC_DIM",
+    "64",
+    "MODEL.SPARSE_RCNN.NMS_ENABLED",
+    "True",
+    "MODEL.SPARSE_RCNN.NMS_THRESH_TEST",
+    "0.5",
+]
+# (config file, opts): the tiny model (2 of its 6 stages, to keep the export quick), the quick
+# model of the main job (as configured) and the tiny model as Dynamic Sparse R-CNN (DPG + NMS).
+MODELS = {
+    "tiny": (TINY_CONFIG, TINY_TWO_STAGES),
+    "quick": (CONFIG_DIR / "sparse_rcnn_quick_cpu.yaml", []),
+    "dynamic": (TINY_CONFIG, DYNAMIC_OPTS),
+}
+
+
+def well_conditioned(model, factor=0.1):
+    """Scale every stage's box deltas by ``factor`` (see the module doc)."""
+    with torch.no_grad():
+        for stage in model.head.head_series:
+            stage.bboxes_delta.weight.mul_(factor)
+            stage.bboxes_delta.bias.mul_(factor)
+    return model
+
+
+def random_image(h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), generator=g).float()
+
+
+def eager(model, image):
+    with torch.no_grad():
+        return sparse_export.inference_func(model, image)
+
+
+def assert_same_detections(expected, actual, score_tol, box_tol):
+    boxes, scores, classes = (torch.as_tensor(np.asarray(t)) for t in expected)
+    boxes2, scores2, classes2 = (torch.as_tensor(np.asarray(t)) for t in actual)
+    assert len(scores2) == len(scores)
+    assert torch.equal(classes2, classes)
+    torch.testing.assert_close(scores2, scores, atol=score_tol, rtol=0)
+    torch.testing.assert_close(boxes2, boxes, atol=box_tol, rtol=0)
+
+
+class Exported:
+    """A model, its score threshold, its test images and its exported files."""
+
+    def __init__(self, name, tmp_dir):
+        self.name = name
+        config_file, opts = MODELS[name]
+        self.cfg = make_cfg(config_file, opts)
+        torch.manual_seed(0)
+        self.model = well_conditioned(build_model(self.cfg)).eval()
+        self.export_image = random_image(*EXPORT_SIZE, seed=1)
+        # Three random images of sizes other than the export size. The score threshold is
+        # chosen from their eager scores: between the highest score of the image whose highest
+        # score is lowest (the "empty" image: nothing passes on it) and that of the next one, so
+        # that part of the detections pass on the other two (checked in the tests).
+        candidates = [random_image(h, w, seed=2 + i) for i, (h, w) in enumerate(CANDIDATE_SIZES)]
+        top = [eager(self.model, x)[1].max().item() for x in candidates]
+        order = sorted(range(len(candidates)), key=lambda i: top[i])
+        assert top[order[1]] - top[order[0]] > 1e-4, (name, top)  # far from ORT's 1e-7 errors
+        self.empty_image = candidates[order[0]]
+        self.images = [candidates[i] for i in order[1:]]
+        self.model.score_thresh_test = (top[order[0]] + top[order[1]]) / 2
+        self.cfg.MODEL.SPARSE_RCNN.SCORE_THRESH_TEST = self.model.score_thresh_test
+        self.settings = sparse_export.export_settings(self.cfg)
+        self.ts_path = str(tmp_dir / f"{name}.ts")
+        self.onnx_path = str(tmp_dir / f"{name}.onnx")
+        self.traced = sparse_export.export_torchscript(
+            self.model, self.export_image, self.ts_path, self.settings
+        )
+        sparse_export.export_onnx(self.model, self.export_image, self.onnx_path, self.settings)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(self.onnx_path, options)
+
+    def run_onnx(self, image):
+        return self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: image.numpy()})
+
+
+_EXPORTED = {}  # every model is exported once per test session
+
+
+def _get_exported(name, tmp_path_factory):
+    if name not in _EXPORTED:
+        torch.set_num_threads(1)
+        _EXPORTED[name] = Exported(name, tmp_path_factory.mktemp(f"export_{name}"))
+    return _EXPORTED[name]
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def exported(request, tmp_path_factory):
+    return _get_exported(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny model's export, for the tests that do not depend on the model."""
+    return _get_exported("tiny", tmp_path_factory)
+
+
+def test_export_leaves_model_in_eval_mode_with_fast_paths_restored(exported):
+    assert not exported.model.training
+    assert torch.backends.mha.get_fastpath_enabled()
+    relus = [m for m in exported.model.modules() if isinstance(m, torch.nn.ReLU)]
+    assert relus and all(m.inplace for m in relus)
+
+
+def test_torchscript_matches_eager(exported):
+    for image in [exported.export_image] + exported.images:
+        expected = eager(exported.model, image)
+        assert image is exported.export_image or 0 < len(expected[1])
+        with torch.no_grad():
+            actual = exported.traced(image)
+        assert_same_detections(expected, actual, 1e-5, 1e-5 * 256)
+        torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_matches_eager_at_other_sizes(exported):
+    num_proposals = exported.cfg.MODEL.SPARSE_RCNN.NUM_PROPOSALS
+    for image in exported.images:
+        expected = eager(exported.model, image)
+        # The threshold (and NMS) leave part of the top-k detections: the counts are dynamic.
+        assert 0 < len(expected[1]) < num_proposals
+        assert_same_detections(expected, exported.run_onnx(image), 1e-4, 1e-3)
+
+
+def test_onnx_and_torchscript_when_nothing_passes_the_threshold(exported):
+    expected = eager(exported.model, exported.empty_image)
+    assert len(expected[1]) == 0
+    boxes, scores, classes = exported.run_onnx(exported.empty_image)
+    assert boxes.shape == (0, 4) and scores.shape == (0,) and classes.shape == (0,)
+    assert classes.dtype == np.int64
+    with torch.no_grad():
+        assert exported.traced(exported.empty_image)[0].shape == (0, 4)
+
+
+def test_onnx_metadata_and_dynamic_axes(exported):
+    meta = exported.session.get_modelmeta().custom_metadata_map
+    assert meta["input_format"] == "RGB" and meta["min_size_test"] == "128"
+    assert float(meta["score_thresh_test"]) == exported.model.score_thresh_test
+    shape = exported.session.get_inputs()[0].shape
+    assert shape[0] == 3 and isinstance(shape[1], str) and isinstance(shape[2], str)
+
+
+_FRESH_PROCESS = r"""
+import json, sys
+import numpy as np
+import onnxruntime
+import onnxruntime
+options = onnxruntime.SessionOptions()
+options.intra_op_num_threads = 1
+session = onnxruntime.InferenceSession(sys.argv[1], options)
+image = np.load(sys.argv[3])
+onnx_out = session.run(["boxes", "scores", "classes"], {"image": image})
+import torch, torchvision  # TorchScript: torchvision registers RoIAlign and NMS
+torch.set_num_threads(1)
+traced = torch.jit.load(sys.argv[2])
+with torch.no_grad():
+    ts_out = [t.numpy() for t in traced(torch.from_numpy(image))]
+assert not any(m.startswith(("sparse_rcnn", "detectron2")) for m in sys.modules), "model code"
+np.savez(sys.argv[4], *onnx_out, *ts_out)
+"""
+
+
+def test_exported_files_load_and_run_in_a_fresh_process(tiny, tmp_path):
+    image = tiny.images[0]
+    np.save(tmp_path / "image.npy", image.numpy())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no sparse_rcnn on the path
+    subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS, tiny.onnx_path, tiny.ts_path]
+        + [str(tmp_path / "image.npy"), str(tmp_path / "out.npz")],
+        check=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    out = np.load(tmp_path / "out.npz")
+    onnx_out, ts_out = [out[f"arr_{i}"] for i in range(3)], [out[f"arr_{i}"] for i in range(3, 6)]
+    expected = eager(tiny.model, image)
+    assert_same_detections(expected, onnx_out, 1e-4, 1e-3)
+    assert_same_detections(expected, ts_out, 1e-5, 1e-5 * 256)
+
+
+def test_onnx_predictor_matches_default_predictor(tiny, tmp_path):
+    weights = tmp_path / "model.pth"
+    DetectionCheckpointer(tiny.model, save_dir=str(tmp_path)).save("model")
+    cfg = tiny.cfg.clone()
+    cfg.MODEL.WEIGHTS = str(weights)
+    default = DefaultPredictor(cfg)
+    onnx_predictor = ONNXRuntimePredictor(tiny.onnx_path, num_threads=1)  # settings: metadata
+    rng = np.random.default_rng(0)
+    # Not the export size, not the network's input size: resized (to 128 short side) and back.
+    bgr = rng.integers(0, 256, size=(150, 230, 3), dtype=np.uint8)
+    expected = default(bgr)["instances"]
+    actual = onnx_predictor(bgr)["instances"]
+    assert actual.image_size == expected.image_size == (150, 230)
+    assert len(expected) > 0
+    assert_same_detections(
+        (expected.pred_boxes.tensor, expected.scores, expected.pred_classes),
+        (actual.pred_boxes.tensor, actual.scores, actual.pred_classes),
+        1e-4,
+        1e-3,
+    )
+    with pytest.raises(ValueError, match="BGR image"):
+        onnx_predictor(bgr[:, :, 0])
+
+
+def _write_sample_image(path):
+    rng = np.random.default_rng(1)
+    cv2.imwrite(str(path), rng.integers(0, 256, size=(100, 140, 3), dtype=np.uint8))
+    return str(path)
+
+
+def test_export_command_writes_a_file_that_the_demo_runs(tmp_path, capsys):
+    sample = _write_sample_image(tmp_path / "sample.png")
+    args = ["--config-file", str(TINY_CONFIG), "--sample-image", sample]
+    args += ["--output", str(tmp_path / "out"), "MODEL.SPARSE_RCNN.NUM_STAGES", "1"]
+    path = sparse_export.main(["--format", "onnx"] + args)
+    assert path == str(tmp_path / "out" / "model.onnx") and os.path.exists(path)
+    printed = capsys.readouterr().out
+    assert f"Wrote {path}" in printed and "checked at the size" in printed
+
+    from sparse_rcnn import demo
+
+    demo.main(
+        ["--onnx", path, "--config-file", str(TINY_CONFIG), "--input", sample]
+        + ["--output", str(tmp_path / "vis"), "--confidence-threshold", "0.0"]
+    )
+    assert os.path.exists(tmp_path / "vis" / "sample.png")
+
+
+@pytest.mark.parametrize(
+    "opts, key",
+    [
+        (["TEST.AUG.ENABLED", "True"], "TEST.AUG.ENABLED"),
+        (["MODEL.SPARSE_RCNN.EVAL_PER_STAGE", "True"], "MODEL.SPARSE_RCNN.EVAL_PER_STAGE"),
+        (["MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlignRotated"], "MODEL.ROI_BOX_HEAD.POOLER_TYPE"),
+    ],
+)
+def test_unsupported_option_fails_at_export_time_naming_it(tmp_path, opts, key):
+    args = ["--config-file", str(TINY_CONFIG), "--output", str(tmp_path)] + opts
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        sparse_export.main(args)
+    assert not os.listdir(tmp_path)
+
+
+def test_scripting_is_refused_with_a_message(tmp_path):
+    args = ["--config-file", str(TINY_CONFIG), "--output", str(tmp_path)]
+    with pytest.raises(SystemExit, match="use tracing"):
+        sparse_export.main(args + ["--export-method", "scripting"])
+
+
+def test_torchscript_file_carries_the_settings(exported):
+    files = {"sparse_rcnn.json": ""}
+    torch.jit.load(exported.ts_path, _extra_files=files)
+    assert json.loads(files["sparse_rcnn.json"]) == exported.settings
+
+
+# Detectron2's and torchvision's asserts on traced sizes; the trace is checked at other boxes.
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_traced_fast_pooler_equals_detectron2_pooler_exactly():
+    """While tracing, FastROIPooler pools each level and gathers the RoIs back into input order
+    (no index_put_): the same values, bit for bit, as ROIPooler, for RoIs of every level."""
+    from detectron2.modeling.poolers import ROIPooler
+    from detectron2.structures import Boxes
+
+    from sparse_rcnn.poolers import FastROIPooler
+
+    args = dict(output_size=7, scales=(1 / 4, 1 / 8, 1 / 16, 1 / 32), sampling_ratio=2)
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(2, 8, 256 // s, 320 // s, generator=g) for s in (4, 8, 16, 32)]
+    # Sizes from 8 to 512 px: canonical level 4 at 224 px spreads them over all four levels.
+    sizes = torch.tensor([8.0, 30, 60, 120, 250, 500, 16, 100, 224, 448])
+    xy = torch.rand(10, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + sizes[:, None]], dim=1)
+    box_lists = [Boxes(boxes[:6]), Boxes(boxes[6:])]
+    reference = ROIPooler(pooler_type="ROIAlignV2", **args)(features, box_lists)
+    fast = FastROIPooler(pooler_type="ROIAlignV2", **args)
+
+    def pool(b0, b1, *maps):
+        return fast(list(maps), [Boxes(b0), Boxes(b1)])
+
+    traced = torch.jit.trace(pool, (boxes[:6], boxes[6:], *features), check_trace=False)
+    assert torch.equal(traced(boxes[:6], boxes[6:], *features), reference)
+    # Other boxes (another level mix) through the same trace.
+    boxes2 = boxes.flip(0)
+    reference2 = ROIPooler(pooler_type="ROIAlignV2", **args)(
+        features, [Boxes(boxes2[:6]), Boxes(boxes2[6:])]
+    )
+    assert torch.equal(traced(boxes2[:6], boxes2[6:], *features), reference2)
