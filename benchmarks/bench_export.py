@@ -2,7 +2,8 @@
 
 Exports configs/sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml (random weights, seed 0) with
 ``sparse_rcnn.export.export_onnx`` (or takes ``--onnx FILE``, exported from the same seed) and
-times, round robin, on the same random image with the same number of threads:
+times, one after another (``torch.utils.benchmark``'s ``blocked_autorange``, see common.py), on the
+same random image with the same number of threads:
 
 * ``eager``: ``model.inference([{"image": image}], do_postprocess=False)`` under
   ``torch.no_grad()`` (what ``DefaultPredictor`` runs, without its resize);
@@ -19,7 +20,7 @@ boxes within 0.01 px: the 1e-3 px of the tests is 1e-6 of the ~1000-px coordinat
 (0.1) so that its boxes stay on the image as a trained model's do (the same operations run).
 
 Usage:
-    python benchmarks/bench_export.py [--threads 2] [--repeats 5] [--onnx out/r50_300.onnx]
+    python benchmarks/bench_export.py [--threads 2] [--min-run-time 20] [--onnx out/r50_300.onnx]
 """
 
 import argparse
@@ -30,7 +31,6 @@ import numpy as np
 import torch
 
 import common
-from common import Recorder
 
 CONFIG = "sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml"
 TARGET_SPEEDUP = 1.7
@@ -38,28 +38,26 @@ TARGET_SPEEDUP = 1.7
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.common_args(parser, "export.jsonl")
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1216)
     parser.add_argument("--delta-scale", type=float, default=0.1)
     parser.add_argument("--onnx", default=None, help="an exported graph of the same model")
-    args = parser.parse_args()
+    args, device, rec = common.parse_args(parser, "export.jsonl", min_run_time=20.0)
+    if device.type != "cpu":
+        raise SystemExit("bench_export.py compares CPU runtimes: run it with --device cpu")
 
     import onnxruntime as ort
 
     from sparse_rcnn.export import _max_difference, export_onnx, inference_func
 
-    torch.set_num_threads(args.threads)
-    rec = Recorder(args.out, common.environment(args.threads, torch.device("cpu")))
-    rec.extra.update({"onnxruntime": ort.__version__, "quick": args.quick})
-    common.warn_if_busy()
+    rec.env["onnxruntime"] = ort.__version__
     cfg = common.make_cfg(CONFIG)
     model = common.build_model(cfg, seed=0).eval()
     with torch.no_grad():
         for stage in model.head.head_series:
             stage.bboxes_delta.weight.mul_(args.delta_scale)
             stage.bboxes_delta.bias.mul_(args.delta_scale)
-    image = common.random_image(args.height, args.width, torch.Generator().manual_seed(0))
+    image = common.make_batch(1, args.height, args.width, None, 80)[0]["image"]
 
     path = args.onnx
     if path is None:
@@ -93,21 +91,18 @@ def main():
         outputs["onnxruntime"] = session.run(["boxes", "scores", "classes"], feed)
 
     fns = {"eager": eager, "eager_no_workspace": eager_no_workspace, "onnxruntime": onnxruntime}
-    warmup = args.warmup if args.warmup is not None else 1
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     rec.begin()
-    times = common.time_interleaved(fns, warmup, repeats, torch.device("cpu"))
+    measured = common.measure(fns, args, device, memory=False)
     diff = _max_difference(outputs["eager"], outputs["onnxruntime"])
-    stats = {name: common.stats_ms(t) for name, t in times.items()}
+    stats = {name: common.stats_ms(m) for name, (m, _) in measured.items()}
     speedup = stats["eager"]["median_ms"] / stats["onnxruntime"]["median_ms"]
     rec.emit(
-        {
-            "bench": "export_onnxruntime_vs_eager",
+        "export_onnxruntime_vs_eager",
+        **{
             "config": common.config_text(CONFIG, []),
             "input": [3, args.height, args.width],
             "delta_scale": args.delta_scale,
-            "warmup": warmup,
-            "repeats": repeats,
+            "min_run_time_s": args.min_run_time,
             **{f"{name}_{k}": v for name, s in stats.items() for k, v in s.items()},
             "speedup_onnxruntime_vs_eager": round(speedup, 3),
             "workspace_gain": round(
@@ -117,9 +112,10 @@ def main():
             "max_score_diff": None if diff is None else diff[0],
             "max_box_diff_px": None if diff is None else diff[1],
             "identical_detections": diff is not None and diff[0] <= 1e-4 and diff[1] <= 1e-2,
+            "target": f"onnxruntime >= {TARGET_SPEEDUP}x eager",
             "target_speedup": TARGET_SPEEDUP,
             "target_pass": speedup >= TARGET_SPEEDUP,
-        }
+        },
     )
 
 

@@ -33,6 +33,8 @@ run train     benchmarks/bench_train.py --quick --threads "$THREADS" --device "$
     --out "$OUT/train.jsonl"
 run matching  benchmarks/bench_matching.py --quick --threads "$THREADS" --device "$DEVICE" \
     --out "$OUT/matching.jsonl"
+run export    benchmarks/bench_export.py --quick --threads "$THREADS" --device cpu \
+    --out "$OUT/export.jsonl"
 
 # Summary of the targets measured by this run (the last record of each).
 "$PY" - "$OUT" <<'PYEOF'
@@ -45,6 +47,6 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
 for (target, matcher), record in last.items():
     status = "PASS" if record["target_pass"] else "FAIL"
     value = {k: record[k] for k in ("model_over_backbone", "speedup_median", "match_loss_share",
-             "ratio_median") if k in record}
+             "ratio_median", "speedup_onnxruntime_vs_eager") if k in record}
     print(f"#   {status} {target}{f' [{matcher}]' if matcher else ''}: {value}", file=sys.stderr)
 PYEOF
