@@ -28,6 +28,21 @@ def build_tiny_model(opts=(), seed=0):
     return build_model(make_cfg(TINY_CONFIG, opts))
 
 
+def registered_synthetic_shapes(tmp_path_factory, prefix, splits, image_size=96):
+    """Generator for module fixtures: small synthetic_shapes splits registered as
+    ``{prefix}_{split}`` under a temporary root (yields the root), unregistered afterwards."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from sparse_rcnn.builtin_datasets import register_synthetic_shapes
+
+    root = tmp_path_factory.mktemp(f"{prefix}_datasets")
+    names = register_synthetic_shapes(root, splits=splits, image_size=image_size, prefix=prefix)
+    yield root
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     # Two cores run the whole suite; keep each test on one thread so parallel jobs do not thrash.

@@ -9,9 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIG_DIR, REPO_ROOT, make_cfg
+from conftest import CONFIG_DIR, REPO_ROOT, make_cfg, registered_synthetic_shapes
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
@@ -19,7 +18,7 @@ from detectron2.solver import build_lr_scheduler
 from detectron2.structures import Boxes, Instances
 from omegaconf import ListConfig
 
-from sparse_rcnn import SparseRCNNDatasetMapper, build_optimizer, register_synthetic_shapes
+from sparse_rcnn import SparseRCNNDatasetMapper, build_optimizer
 
 sys.path.insert(0, str(REPO_ROOT))
 import train_net  # noqa: E402
@@ -270,14 +269,7 @@ PREFIX = "lazy_shapes"
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lazy_datasets")
-    names = register_synthetic_shapes(
-        root, splits={"train": 8, "val": 4}, image_size=96, prefix=PREFIX
-    )
-    yield root
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    yield from registered_synthetic_shapes(tmp_path_factory, PREFIX, {"train": 8, "val": 4})
 
 
 def run_lazy(argv, output_dir, max_iter):

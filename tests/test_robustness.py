@@ -15,13 +15,20 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIG_DIR, REPO_ROOT, TINY_CONFIG, build_tiny_model, make_cfg
+from conftest import (
+    CONFIG_DIR,
+    REPO_ROOT,
+    TINY_CONFIG,
+    build_tiny_model,
+    make_cfg,
+    registered_synthetic_shapes,
+)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser, defaults
 from detectron2.utils.events import EventStorage
 from test_distributed import make_batch
 
-from sparse_rcnn import checks, register_synthetic_shapes
+from sparse_rcnn import checks
 from sparse_rcnn import demo as demo_module
 from sparse_rcnn.dataset_mapper import SparseRCNNDatasetMapper
 from sparse_rcnn.engine import (
@@ -427,13 +434,11 @@ train_net.main(default_argument_parser().parse_args({argv!r}))
 
 @pytest.fixture(scope="module")
 def resume_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("robust_datasets")
-    names = register_synthetic_shapes(root, splits={"train": 16}, image_size=96, prefix=PREFIX)
+    datasets = registered_synthetic_shapes(tmp_path_factory, PREFIX, {"train": 16})
+    root = next(datasets)
     DatasetCatalog.get(f"{PREFIX}_train")  # generate the files once
     yield root
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    next(datasets, None)  # unregister
 
 
 def read_last(folder):

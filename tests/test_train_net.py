@@ -8,11 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_CONFIG
+from conftest import REPO_ROOT, TINY_CONFIG, registered_synthetic_shapes
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, default_argument_parser
 
-from sparse_rcnn import register_synthetic_shapes
 from sparse_rcnn.demo import draw_predictions
 from sparse_rcnn.demo import main as demo_main
 from sparse_rcnn.demo import setup_cfg
@@ -26,14 +25,7 @@ MAX_ITER = 40
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    names = register_synthetic_shapes(
-        root, splits={"train": 32, "val": 8}, image_size=96, prefix=PREFIX
-    )
-    yield root
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    yield from registered_synthetic_shapes(tmp_path_factory, PREFIX, {"train": 32, "val": 8})
 
 
 def train_opts(output_dir, max_iter=MAX_ITER):
