@@ -19,6 +19,7 @@ from .head import SPARSE_RCNN_HEAD_REGISTRY, DynamicConv, DynamicHead, DynamicSt
 from .matcher import SPARSE_RCNN_MATCHER_REGISTRY, HungarianMatcher, OTAMatcher, build_matcher
 from .proposals import SPARSE_RCNN_PROPOSAL_REGISTRY, LearnableProposals
 from .solver import build_optimizer
+from .test_time_augmentation import SparseRCNNWithTTA
 
 register_synthetic_shapes()  # lazy: files are generated on first load / prepare_synthetic_shapes()
 
