@@ -12,7 +12,7 @@ import torch
 from conftest import REPO_ROOT, TINY_CONFIG, build_tiny_model, make_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, default_argument_parser
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import nn
 
 from sparse_rcnn import register_synthetic_shapes
@@ -88,6 +88,56 @@ def test_voting_two_boxes_and_classes_never_merge():
     torch.testing.assert_close(out_boxes, boxes.flip(0))
     torch.testing.assert_close(out_scores, torch.tensor([0.9, 0.6]))
     assert out_classes.tolist() == [1, 0]
+
+
+def reference_voting(boxes, scores, classes, iou_threshold, soft_min_score):
+    """The issue's description, step by step: take the best remaining box, its same-class group
+    with IoU >= threshold, the weighted mean, the soft copies; a lone box as it is."""
+    remaining = list(scores.argsort(descending=True).tolist())
+    out = []
+    while remaining:
+        top = remaining[0]
+        group = [
+            j
+            for j in remaining
+            if classes[j] == classes[top]
+            and pairwise_iou(Boxes(boxes[[top]]), Boxes(boxes[[j]])).item() >= iou_threshold
+        ]
+        remaining = [j for j in remaining if j not in group]
+        if len(group) == 1:
+            out.append((boxes[top], scores[top], classes[top]))
+            continue
+        w = scores[group]
+        out.append(((w[:, None] * boxes[group]).sum(0) / w.sum(), w.max(), classes[top]))
+        for j in group:
+            iou = pairwise_iou(Boxes(boxes[[top]]), Boxes(boxes[[j]])).item()
+            if scores[j] * (1 - iou) >= soft_min_score:
+                out.append((boxes[j], scores[j] * (1 - iou), classes[j]))
+    out.sort(key=lambda d: -float(d[1]))
+    return (
+        torch.stack([d[0] for d in out]),
+        torch.stack([d[1] for d in out]),
+        [int(d[2]) for d in out],
+    )
+
+
+def test_voting_matches_the_step_by_step_reference():
+    # Clusters of jittered copies of 12 boxes (as TTA copies of the same objects), 3 classes.
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(12, 2, generator=gen) * 100
+    base = torch.cat([base, base + 10 + torch.rand(12, 2, generator=gen) * 40], 1)
+    boxes = base.repeat(8, 1) + torch.randn(96, 4, generator=gen) * 3
+    boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+    scores = torch.rand(96, generator=gen)
+    classes = torch.randint(0, 3, (96,), generator=gen)
+    expected = reference_voting(boxes, scores, classes, 0.65, 0.05)
+    out_boxes, out_scores, out_classes = box_voting(boxes, scores, classes, 0.65, 0.05)
+    # The case is not trivial: there are voted boxes and kept input boxes (lone or soft copies).
+    voted = ~(out_boxes[:, None] == boxes[None]).all(-1).any(1)
+    assert voted.any() and (~voted).any()
+    torch.testing.assert_close(out_scores, expected[1])
+    torch.testing.assert_close(out_boxes, expected[0])
+    assert out_classes.tolist() == expected[2]
 
 
 def test_voting_lone_zero_area_and_empty():

@@ -23,7 +23,7 @@ from detectron2.config import configurable
 from detectron2.data.detection_utils import read_image
 from detectron2.layers import batched_nms
 from detectron2.modeling import DatasetMapperTTA
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import Boxes, Instances
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -65,6 +65,32 @@ def filter_boxes_by_size(boxes: torch.Tensor, min_size: float, max_size: float) 
     return (area > min_size * min_size) & (area < max_size * max_size)
 
 
+def _voting_groups(boxes: np.ndarray, iou_threshold: float) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Greedy groups of boxes sorted by decreasing score: the first remaining box (the top) and
+    every remaining box with IoU >= ``iou_threshold`` to it, until none remain.
+
+    Returns:
+        per group: (indices of its members, top first; their IoU with the top box, the top's 1).
+    """
+    x1, y1, x2, y2 = boxes.T
+    area = (x2 - x1) * (y2 - y1)
+    remaining = np.arange(len(boxes))
+    groups = []
+    while remaining.size > 0:
+        top = remaining[0]
+        width = np.minimum(x2[top], x2[remaining]) - np.maximum(x1[top], x1[remaining])
+        height = np.minimum(y2[top], y2[remaining]) - np.maximum(y1[top], y1[remaining])
+        inter = np.clip(width, 0, None) * np.clip(height, 0, None)
+        union = area[top] + area[remaining] - inter
+        # 0 where the boxes do not intersect (as detectron2.structures.pairwise_iou)
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=inter > 0)
+        iou[0] = 1.0  # the top box is in its own group, also when its area is 0
+        member = iou >= iou_threshold
+        groups.append((remaining[member], iou[member]))
+        remaining = remaining[~member]
+    return groups
+
+
 def box_voting(
     boxes: torch.Tensor,
     scores: torch.Tensor,
@@ -100,42 +126,46 @@ def box_voting(
             f"box_voting expects boxes (N, 4), scores (N,) and classes (N,); got "
             f"{tuple(boxes.shape)}, {tuple(scores.shape)} and {tuple(classes.shape)}"
         )
-    out_boxes, out_scores, out_classes = [], [], []
-
-    def emit(b: torch.Tensor, s: torch.Tensor, c):
-        out_boxes.append(b.reshape(-1, 4))
-        out_scores.append(s.reshape(-1))
-        out_classes.append(torch.full((len(out_scores[-1]),), c, dtype=classes.dtype))
-
-    for c in classes.unique(sorted=True).tolist():
-        index = (classes == c).nonzero().squeeze(1)
-        order = scores[index].sort(descending=True, stable=True).indices
-        pool_boxes, pool_scores = boxes[index[order]], scores[index[order]]
-        while len(pool_boxes) > 0:
-            iou = pairwise_iou(Boxes(pool_boxes[:1]), Boxes(pool_boxes))[0]
-            iou[0] = 1.0  # the top box is in its own group, also when its area is 0
-            member = iou >= iou_threshold
-            group_boxes, group_scores = pool_boxes[member], pool_scores[member]
-            if len(group_boxes) == 1:
-                emit(group_boxes, group_scores, c)
-            else:
-                total = group_scores.sum()
-                if total > 0:
-                    weights = group_scores / total
-                else:
-                    weights = torch.full_like(group_scores, 1.0 / len(group_scores))
-                emit((weights[:, None] * group_boxes).sum(0), group_scores.max(), c)
-                if soft_min_score is not None:
-                    soft_scores = group_scores * (1 - iou[member])
-                    keep = soft_scores >= soft_min_score
-                    emit(group_boxes[keep], soft_scores[keep], c)
-            pool_boxes, pool_scores = pool_boxes[~member], pool_scores[~member]
-
-    if not out_boxes:
+    if len(boxes) == 0:
         return boxes[:0], scores[:0], classes[:0]
-    out_boxes = torch.cat(out_boxes).to(boxes.dtype)
-    out_scores = torch.cat(out_scores).to(scores.dtype)
-    out_classes = torch.cat(out_classes).to(classes.device)
+    # Sort by (class, decreasing score); the groups are found class by class on the CPU.
+    order = scores.sort(descending=True, stable=True).indices
+    order = order[classes[order].sort(stable=True).indices]
+    boxes, scores, classes = boxes[order], scores[order], classes[order]
+    boxes_np = boxes.detach().cpu().numpy()
+    bounds = np.cumsum([0] + torch.unique_consecutive(classes, return_counts=True)[1].tolist())
+    members, member_iou, group_of = [], [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        for index, iou in _voting_groups(boxes_np[start:end], iou_threshold):
+            members.append(index + start)
+            member_iou.append(iou)
+            group_of.append(np.full(len(index), len(group_of)))
+    device = boxes.device
+    members = torch.as_tensor(np.concatenate(members), device=device)
+    member_iou = torch.as_tensor(np.concatenate(member_iou), device=device, dtype=scores.dtype)
+    group_of = torch.as_tensor(np.concatenate(group_of), device=device)
+    num_groups = int(group_of[-1]) + 1
+    tops = members[torch.cat([group_of.new_ones(1), group_of[1:] != group_of[:-1]]).bool()]
+
+    # One box per group: the score-weighted mean of its members (a lone box stays as it is), with
+    # the top box's score (the group's highest) and class.
+    weights = scores[members]
+    sizes = torch.bincount(group_of, minlength=num_groups)
+    total = scores.new_zeros(num_groups).index_add_(0, group_of, weights)
+    weights = torch.where(total[group_of] > 0, weights, torch.ones_like(weights))
+    total = torch.where(total > 0, total, sizes.to(total.dtype))
+    merged = boxes.new_zeros(num_groups, 4).index_add_(
+        0, group_of, weights[:, None] * boxes[members]
+    )
+    merged = torch.where((sizes > 1)[:, None], merged / total[:, None], boxes[tops])
+    out_boxes, out_scores, out_classes = [merged], [scores[tops]], [classes[tops]]
+    if soft_min_score is not None:
+        soft_scores = scores[members] * (1 - member_iou)
+        soft = (sizes[group_of] > 1) & (soft_scores >= soft_min_score)
+        out_boxes.append(boxes[members[soft]])
+        out_scores.append(soft_scores[soft])
+        out_classes.append(classes[members[soft]])
+    out_boxes, out_scores, out_classes = map(torch.cat, (out_boxes, out_scores, out_classes))
     order = out_scores.sort(descending=True, stable=True).indices
     return out_boxes[order], out_scores[order], out_classes[order]
 
