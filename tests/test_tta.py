@@ -410,25 +410,31 @@ PREFIX = "tta_shapes"
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
-    names = register_synthetic_shapes(root, splits={"val": 4}, image_size=96, prefix=PREFIX)
+    names = register_synthetic_shapes(
+        root, splits={"train": 4, "val": 4}, image_size=96, prefix=PREFIX
+    )
     yield root
     for name in names:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
 
 
-def test_train_net_eval_only_reports_bbox_tta(datasets, tmp_path):
-    torch.set_num_threads(1)
-    argv = ["--config-file", str(TINY_CONFIG), "--eval-only"]
-    argv += [
-        "OUTPUT_DIR", str(tmp_path),
+def tta_opts(output_dir):
+    return [
+        "OUTPUT_DIR", str(output_dir),
+        "DATASETS.TRAIN", f"('{PREFIX}_train',)",
         "DATASETS.TEST", f"('{PREFIX}_val',)",
         "SEED", "3",
-        "MODEL.SPARSE_RCNN.EVAL_PER_STAGE", "True",
         "TEST.AUG.ENABLED", "True",
         "TEST.AUG.MIN_SIZES", "(64, 128)",
         "TEST.AUG.SCALE_RANGES", "((16, 1000), (0, 64))",
     ]  # fmt: skip
+
+
+def test_train_net_eval_only_reports_bbox_tta(datasets, tmp_path):
+    torch.set_num_threads(1)
+    argv = ["--config-file", str(TINY_CONFIG), "--eval-only", *tta_opts(tmp_path)]
+    argv += ["MODEL.SPARSE_RCNN.EVAL_PER_STAGE", "True"]
     results = train_net.main(default_argument_parser().parse_args(argv))
     assert set(results) == {"bbox", "bbox_TTA"} | {f"bbox_stage{t}" for t in range(1, 7)}
     assert set(results["bbox_TTA"]) >= {"AP", "AP50", "AP75"}
@@ -443,3 +449,12 @@ def test_train_net_eval_only_reports_bbox_tta(datasets, tmp_path):
         height, width = sizes[d["image_id"]]
         assert x >= 0 and y >= 0 and w > 0 and h > 0
         assert x + w <= width + 1e-3 and y + h <= height + 1e-3
+
+
+def test_train_net_training_ends_with_a_tta_evaluation(datasets, tmp_path):
+    torch.set_num_threads(1)
+    argv = ["--config-file", str(TINY_CONFIG), *tta_opts(tmp_path), "SOLVER.MAX_ITER", "2"]
+    train_net.main(default_argument_parser().parse_args(argv))
+    # Detectron2's EvalHook after the last iteration, then the TTA one (as tools/train_net.py).
+    for folder in ("inference", "inference_TTA"):
+        assert (tmp_path / folder / f"{PREFIX}_val" / "coco_instances_results.json").exists()
