@@ -14,9 +14,11 @@ same features and Detectron2's ``train.*`` keys, overridden as ``key=value``.
 """
 
 import logging
+import os
+from collections import OrderedDict
 
 from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
 
 from sparse_rcnn import add_sparse_rcnn_config
 from sparse_rcnn.checks import check_device, cpu_threads_per_process
@@ -31,6 +33,7 @@ from sparse_rcnn.engine import (
 )
 from sparse_rcnn.lazy_engine import is_lazy_config, main_lazy
 from sparse_rcnn.solver import build_optimizer
+from sparse_rcnn.test_time_augmentation import SparseRCNNWithTTA
 
 logger = logging.getLogger("detectron2")
 
@@ -54,6 +57,21 @@ class Trainer(RobustTrainerMixin, DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate with test-time augmentation (cfg.TEST.AUG); results as "bbox_TTA"."""
+        logger.info("Running inference with test-time augmentation ...")
+        model = SparseRCNNWithTTA(cfg, model)
+        cfg = cfg.clone()  # the TTA model returns no per-stage detections
+        cfg.defrost()
+        cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE = False
+        evaluators = [
+            cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, model, evaluators)
+        return OrderedDict({k + "_TTA": v for k, v in res.items()})
 
 
 def setup(args):
@@ -84,9 +102,16 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         load_model_weights(model, cfg, resume=args.resume)
-        return Trainer.test(cfg, model)
+        res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
+        return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:
+        trainer.register_hooks(
+            [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]
+        )
     return trainer.train()
 
 

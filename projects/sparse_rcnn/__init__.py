@@ -22,6 +22,7 @@ from .matcher import SPARSE_RCNN_MATCHER_REGISTRY, HungarianMatcher, build_match
 from .ota import OTAMatcher
 from .proposals import SPARSE_RCNN_PROPOSAL_REGISTRY, LearnableProposals
 from .solver import build_optimizer
+from .test_time_augmentation import SparseRCNNWithTTA
 
 register_synthetic_shapes()  # lazy: files are generated on first load / prepare_synthetic_shapes()
 register_all_crowdhuman()  # lazy: crowdhuman_{train,val} under $DETECTRON2_DATASETS, read on load

@@ -130,6 +130,31 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
     # LR multiplier of every parameter whose name contains "backbone".
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
 
+    # ---- Test-time augmentation (sparse_rcnn.test_time_augmentation.SparseRCNNWithTTA) ----
+    # Detectron2 defines TEST.AUG.ENABLED (False: train_net.py --eval-only also evaluates with TTA
+    # when True, as "bbox_TTA"), MAX_SIZE (4000, the official value) and FLIP (True: every scale
+    # also flipped). The official values of the other keys (sparsercnn/config.py):
+    # Short sides of the augmented copies: 13 scales x 2 flips = 26 forward passes per image.
+    cfg.TEST.AUG.MIN_SIZES = (400, 500, 600, 640, 700, 900, 1000, 1100, 1200, 1300, 1400, 1800, 800)
+    # Per-scale box-size filter: at MIN_SIZES[i] keep only boxes with SCALE_RANGES[i][0] <
+    # sqrt(area) < SCALE_RANGES[i][1], in pixels of that copy (official: on).
+    cfg.TEST.AUG.SCALE_FILTER = True
+    cfg.TEST.AUG.SCALE_RANGES = (
+        [96, 10000], [96, 10000], [64, 10000], [64, 10000], [64, 10000], [0, 10000], [0, 10000],
+        [0, 256], [0, 256], [0, 192], [0, 192], [0, 96], [0, 10000],
+    )  # fmt: skip
+    # How the copies' detections are merged: "soft_vote" (class-aware soft box voting, the official
+    # "cvpods TTA"), "vote" (the same without the soft copies) or "nms" (class-aware NMS, what
+    # Detectron2's GeneralizedRCNNWithTTA does). At most NUM_PROPOSALS detections are kept.
+    cfg.TEST.AUG.MERGE = "soft_vote"
+    cfg.TEST.AUG.VOTE_THRESH = 0.65  # IoU with the top box from which a box votes in its group
+    # Soft voting also keeps each group member with score * (1 - IoU with the top box) if >= this.
+    cfg.TEST.AUG.SOFT_VOTE_MIN_SCORE = 0.05
+    # IoU of the "nms" merge (the official non-cvpods path: ROI_HEADS.NMS_THRESH_TEST, 0.5).
+    cfg.TEST.AUG.NMS_THRESH = 0.5
+    # Augmented copies per forward pass. 2 runs a scale and its flip together (same size, so no
+    # padding); the official code ran one copy at a time. Larger values pad smaller copies.
+    cfg.TEST.AUG.BATCH_SIZE = 2
 
 def get_sparse_rcnn_cfg(config_file: Optional[str] = None, opts: Sequence = ()) -> CN:
     """Detectron2's default config with our keys, merged from ``config_file`` (a yaml path) and
