@@ -7,8 +7,6 @@ same random image with the same number of threads:
 
 * ``eager``: ``model.inference([{"image": image}], do_postprocess=False)`` under
   ``torch.no_grad()`` (what ``DefaultPredictor`` runs, without its resize);
-* ``eager_no_workspace``: the same without the head's reused dynamic-parameter buffer
-  (``DynamicHead._dynamic_parameter_workspace``), to see whether eager still needs it;
 * ``onnxruntime``: the exported graph in an ``InferenceSession`` (CPU provider, all graph
   optimisations, ``intra_op_num_threads`` = ``--threads``).
 
@@ -77,20 +75,10 @@ def main():
         with torch.no_grad():
             outputs["eager"] = inference_func(model, image)
 
-    head = model.head
-
-    def eager_no_workspace():
-        head._dynamic_parameter_workspace = lambda proposal_features: None
-        try:
-            with torch.no_grad():
-                outputs["eager_no_workspace"] = inference_func(model, image)
-        finally:
-            del head._dynamic_parameter_workspace
-
     def onnxruntime():
         outputs["onnxruntime"] = session.run(["boxes", "scores", "classes"], feed)
 
-    fns = {"eager": eager, "eager_no_workspace": eager_no_workspace, "onnxruntime": onnxruntime}
+    fns = {"eager": eager, "onnxruntime": onnxruntime}
     rec.begin()
     measured = common.measure(fns, args, device, memory=False)
     diff = _max_difference(outputs["eager"], outputs["onnxruntime"])
@@ -105,9 +93,6 @@ def main():
             "min_run_time_s": args.min_run_time,
             **{f"{name}_{k}": v for name, s in stats.items() for k, v in s.items()},
             "speedup_onnxruntime_vs_eager": round(speedup, 3),
-            "workspace_gain": round(
-                stats["eager_no_workspace"]["median_ms"] / stats["eager"]["median_ms"], 3
-            ),
             "detections": int(len(np.asarray(outputs["eager"][1]))),
             "max_score_diff": None if diff is None else diff[0],
             "max_box_diff_px": None if diff is None else diff[1],

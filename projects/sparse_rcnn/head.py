@@ -95,29 +95,16 @@ class DynamicConv(nn.Module):
         self,
         proposal_features: torch.Tensor,
         roi_features: torch.Tensor,
-        workspace: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Args:
             proposal_features: (R, C), one per RoI.
             roi_features: (R, S*S, C), spatial positions in row-major order.
-            workspace: optional (R, 2 * C * D) buffer for the dynamic parameters, for inference
-                without autograd only (see :meth:`DynamicHead.forward`); the result is the same.
 
         Returns:
             (R, C) object features.
         """
-        if workspace is not None:
-            # What self.dynamic_layer(proposal_features) computes (F.linear of a 2-D input is
-            # this addmm), written into the reused buffer instead of a new one.
-            parameters = torch.addmm(
-                self.dynamic_layer.bias,
-                proposal_features,
-                self.dynamic_layer.weight.t(),
-                out=workspace,
-            )
-        else:
-            parameters = self.dynamic_layer(proposal_features)
+        parameters = self.dynamic_layer(proposal_features)
         # split (not two slices): its backward concatenates the two gradients instead of
         # zero-filling a full (R, 2 * C * D) buffer per slice.
         param1, param2 = parameters.split(self.num_params, dim=1)
@@ -184,7 +171,6 @@ class DynamicStage(nn.Module):
         proposal_features: torch.Tensor,
         pooler: ROIPooler,
         compute_logits: bool = True,
-        workspace: Optional[torch.Tensor] = None,
     ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -194,7 +180,6 @@ class DynamicStage(nn.Module):
             proposal_features: (B, N, C).
             pooler: the RoI pooler shared by all stages.
             compute_logits: False skips the classification tower (inference of early stages).
-            workspace: see :meth:`DynamicConv.forward` (inference only).
 
         Returns:
             class_logits (B, N, K) or None, pred_boxes (B, N, 4), object features (B, N, C).
@@ -211,7 +196,7 @@ class DynamicStage(nn.Module):
 
         # Dynamic instance interaction with each proposal's own RoI feature (+ residual, LayerNorm).
         proposal_features = proposal_features.reshape(num_images * num_boxes, self.hidden_dim)
-        interacted = self.inst_interact(proposal_features, roi_features, workspace)
+        interacted = self.inst_interact(proposal_features, roi_features)
         obj_features = self.norm2(proposal_features + self.dropout2(interacted))
 
         # FFN (+ residual, LayerNorm).
@@ -355,37 +340,6 @@ class DynamicHead(nn.Module):
             "bbox_reg_weights": tuple(c.BBOX_REG_WEIGHTS),
         }
 
-    def _dynamic_parameter_workspace(
-        self, proposal_features: torch.Tensor
-    ) -> Optional[torch.Tensor]:
-        """One buffer for the dynamic parameters of every stage, for CPU inference.
-
-        Each stage generates (B*N, 2 * C * D) parameters (B x 39 MB at 300 proposals, C = 256,
-        D = 64). glibc serves blocks that large with fresh pages from the kernel, so allocating
-        them once per stage costs a page fault per 4 KiB every time (about 40 ms per stage for
-        one image); the stages run one after the other, so one buffer serves them all. Not with
-        autograd (training keeps every stage's parameters for the backward), autocast, CUDA or
-        tracing (an export runtime allocates its own buffers; ``addmm(out=)`` has no ONNX export).
-
-        Does eager inference still need it? ``benchmarks/bench_export.py`` times eager with and
-        without it (``workspace_gain``): 1.02x twice (24.9 s vs 25.3 s and 10.07 s vs 10.25 s,
-        R-50, 300 proposals, 800x1216, 2 threads, at load averages 9.7 and 3.3 on the 2-core
-        machine, so not conclusive); the quiet-machine figure is to be re-measured with
-        ``python benchmarks/bench_export.py --threads 2`` before deciding to remove it.
-        """
-        if (
-            torch.is_grad_enabled()
-            or torch.jit.is_tracing()  # addmm(out=) has no ONNX export; a trace needs no buffer
-            or proposal_features.device.type != "cpu"
-            or torch.is_autocast_cpu_enabled()
-        ):
-            return None
-        dynamic_layer = self.head_series[0].inst_interact.dynamic_layer
-        if dynamic_layer.weight.dtype != proposal_features.dtype:
-            return None
-        rows = proposal_features.shape[0] * proposal_features.shape[1]
-        return proposal_features.new_empty((rows, dynamic_layer.out_features))
-
     def forward(
         self,
         features: List[torch.Tensor],
@@ -411,11 +365,10 @@ class DynamicHead(nn.Module):
         prepare = getattr(self.box_pooler, "prepare", None)
         if prepare is not None:
             features = prepare(features)
-        workspace = self._dynamic_parameter_workspace(proposal_features)
         for index, stage in enumerate(self.head_series):
             need_logits = stages_with_logits is None or index in stages_with_logits
             logits, pred_boxes, proposal_features = stage(
-                features, boxes, proposal_features, self.box_pooler, need_logits, workspace
+                features, boxes, proposal_features, self.box_pooler, need_logits
             )
             output = {"pred_boxes": pred_boxes}
             if logits is not None:
