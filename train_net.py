@@ -17,11 +17,10 @@ import logging
 import os
 from collections import OrderedDict
 
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
 
-from sparse_rcnn import add_sparse_rcnn_config
 from sparse_rcnn.checks import check_device, cpu_threads_per_process
+from sparse_rcnn.config import get_sparse_rcnn_cfg
 from sparse_rcnn.engine import (
     RobustTrainerMixin,
     build_sparse_rcnn_evaluator,
@@ -36,7 +35,6 @@ from sparse_rcnn.solver import build_optimizer
 from sparse_rcnn.test_time_augmentation import SparseRCNNWithTTA
 
 logger = logging.getLogger("detectron2")
-
 
 class Trainer(RobustTrainerMixin, DefaultTrainer):
     """DefaultTrainer with Sparse R-CNN's data mapper, optimizer and evaluator, pre-flight checks,
@@ -73,13 +71,9 @@ class Trainer(RobustTrainerMixin, DefaultTrainer):
         res = cls.test(cfg, model, evaluators)
         return OrderedDict({k + "_TTA": v for k, v in res.items()})
 
-
 def setup(args):
     """Config from file and command line, Detectron2's default set-up (logging, seed, output dir)."""
-    cfg = get_cfg()
-    add_sparse_rcnn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_sparse_rcnn_cfg(args.config_file, args.opts)
     check_device(cfg)  # CUDA asked for but not available: an error that says how to use the CPU
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda") and not args.eval_only:
         raise ValueError(
@@ -91,7 +85,6 @@ def setup(args):
     if cfg.MODEL.DEVICE == "cpu":
         logger.info("MODEL.DEVICE cpu: running on the CPU.")
     return cfg
-
 
 def main(args):
     if is_lazy_config(args.config_file):
@@ -113,7 +106,6 @@ def main(args):
             [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]
         )
     return trainer.train()
-
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from sparse_rcnn.config import get_sparse_rcnn_cfg
+
 REPO = Path(__file__).resolve().parent.parent
 SPARSE = "configs/sparse_rcnn_quick_cpu.yaml"
 DYNAMIC = "configs/dynamic_sparse_rcnn_quick_cpu.yaml"
@@ -50,18 +52,6 @@ VARIANTS = {
     "dynamic": (DYNAMIC, []),
 }  # fmt: skip
 DEFAULT_SEED = 40244023  # configs/Base-SparseRCNN.yaml
-
-
-def make_cfg(config_file, opts):
-    from detectron2.config import get_cfg
-
-    from sparse_rcnn import add_sparse_rcnn_config
-
-    cfg = get_cfg()
-    add_sparse_rcnn_config(cfg)
-    cfg.merge_from_file(str(REPO / config_file))
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def evaluate(cfg, weights, nms: bool) -> dict:
@@ -187,7 +177,7 @@ def main():
                 command = [sys.executable, "train_net.py", "--config-file", config] + opts
                 subprocess.run(command, check=True)
             train_s = time.time() - start
-            cfg = make_cfg(config, opts)
+            cfg = get_sparse_rcnn_cfg(REPO / config, opts)
             record = {
                 "bench": "ablate_dynamic",
                 "variant": name,

@@ -16,7 +16,6 @@ import os
 from typing import List, Optional
 
 import cv2
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -24,7 +23,7 @@ from detectron2.utils.visualizer import Visualizer
 
 from .builtin_datasets import prepare_builtin_dataset
 from .checks import check_device, check_weights_file, explain_checkpoint_errors
-from .config import add_sparse_rcnn_config
+from .config import get_sparse_rcnn_cfg
 from .engine import setup_package_logger
 from .visualization import draw_prediction_beside_ground_truth
 
@@ -32,17 +31,12 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
-
 def setup_cfg(config_file: str, opts: List[str], confidence_threshold: float):
-    cfg = get_cfg()
-    add_sparse_rcnn_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = get_sparse_rcnn_cfg(config_file, opts)
     check_device(cfg, command="demo.py")
     cfg.MODEL.SPARSE_RCNN.SCORE_THRESH_TEST = confidence_threshold
     cfg.freeze()
     return cfg
-
 
 def expand_inputs(inputs: List[str]) -> List[str]:
     """Files as given; folders expanded to the images they contain (sorted)."""
@@ -57,7 +51,6 @@ def expand_inputs(inputs: List[str]) -> List[str]:
         else:
             paths += sorted(glob.glob(os.path.expanduser(item))) or [item]
     return paths
-
 
 def draw_predictions(
     predictor: DefaultPredictor,
@@ -78,7 +71,6 @@ def draw_predictions(
     instances = predictor(image_bgr)["instances"].to("cpu")
     return render(image_bgr, instances, metadata, max_detections, confidence_threshold, record)
 
-
 def render(
     image_bgr, instances, metadata, max_detections=None, confidence_threshold=None, record=None
 ):
@@ -95,7 +87,6 @@ def render(
     visualizer = Visualizer(image_bgr[:, :, ::-1], metadata)
     drawn = visualizer.draw_instance_predictions(instances).get_image()[:, :, ::-1]
     return instances, drawn
-
 
 def get_parser():
     parser = argparse.ArgumentParser(description="Sparse R-CNN demo")
@@ -115,7 +106,6 @@ def get_parser():
     )
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE pairs")
     return parser
-
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
@@ -177,7 +167,6 @@ def main(argv=None):
             + (" or give trained weights (MODEL.WEIGHTS)." if not cfg.MODEL.WEIGHTS else ".")
         )
     return total
-
 
 if __name__ == "__main__":
     main()

@@ -264,10 +264,11 @@ def setup_process_runtime(device: str, output_dir: Optional[str] = None) -> None
     package's log lines, each of several CPU processes its share of the cores, and subnormal floats
     flushed to zero on the CPU.
 
-    Late in Dynamic Sparse R-CNN training, subnormal floats made CPU steps about 2.3x slower (0.9 s
-    vs 0.39 s per step from a trained quick-config model, measured when issue 13 was filed;
-    ``benchmarks/ablate_dynamic.py --late-steps`` re-measures it). The flag is a setting of the
-    process, not of a module, so it is made here rather than inside the model.
+    Late in Dynamic Sparse R-CNN training, subnormal floats slow CPU steps down: from a trained
+    quick-config model, 0.89 s per step with flushing off and 0.74 s with it on (1 thread,
+    2026-12-02, ``benchmarks/ablate_dynamic.py --variants dynamic --late-steps 30``; 0.9 s vs 0.39 s
+    when issue 13 was filed). The flag is a setting of the process, not of a module, so it is made
+    here rather than inside the model.
     """
     setup_package_logger(output_dir)
     if comm.get_world_size() > 1:
