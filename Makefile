@@ -23,15 +23,15 @@ $(STAMP): requirements.txt setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The main job: train from scratch on the built-in synthetic dataset (generated on first use into
+# The main job: train Dynamic Sparse R-CNN from scratch on the built-in synthetic dataset (generated on first use into
 # datasets/synthetic_shapes), evaluate with COCOEvaluator, draw predictions on validation images.
-DEMO_CONFIG := configs/sparse_rcnn_quick_cpu.yaml
-DEMO_OUT := output/quick_cpu
+DEMO_CONFIG := configs/dynamic_sparse_rcnn_demo_cpu.yaml
+DEMO_OUT := output/demo_cpu
 demo: $(STAMP)
 	$(PY) train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUT) \
 		MODEL.SPARSE_RCNN.EVAL_PER_STAGE True
 	$(PY) -m sparse_rcnn.demo --config-file $(DEMO_CONFIG) --output $(DEMO_OUT)/vis \
-		--dataset synthetic_shapes_val --num-images 8 --confidence-threshold 0.1 --max-detections 5 \
+		--dataset synthetic_shapes_val --num-images 8 \
 		--opts MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth
 	$(PY) -m sparse_rcnn.report $(DEMO_OUT)
 

@@ -36,6 +36,7 @@ from sparse_rcnn.test_time_augmentation import SparseRCNNWithTTA
 
 logger = logging.getLogger("detectron2")
 
+
 class Trainer(RobustTrainerMixin, DefaultTrainer):
     """DefaultTrainer with Sparse R-CNN's data mapper, optimizer and evaluator, pre-flight checks,
     non-finite steps skipped and a data order that ``--resume`` continues (RobustTrainerMixin)."""
@@ -71,6 +72,7 @@ class Trainer(RobustTrainerMixin, DefaultTrainer):
         res = cls.test(cfg, model, evaluators)
         return OrderedDict({k + "_TTA": v for k, v in res.items()})
 
+
 def setup(args):
     """Config from file and command line, Detectron2's default set-up (logging, seed, output dir)."""
     cfg = get_sparse_rcnn_cfg(args.config_file, args.opts)
@@ -85,6 +87,7 @@ def setup(args):
     if cfg.MODEL.DEVICE == "cpu":
         logger.info("MODEL.DEVICE cpu: running on the CPU.")
     return cfg
+
 
 def main(args):
     if is_lazy_config(args.config_file):
@@ -106,6 +109,7 @@ def main(args):
             [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]
         )
     return trainer.train()
+
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()

@@ -9,6 +9,9 @@ IoU 0.7. One JSON record per (variant, seed) is printed and appended to ``--out`
     python benchmarks/ablate_dynamic.py                       # every variant, seed 40244023
     python benchmarks/ablate_dynamic.py --variants sparse dynamic --seeds 1
     python benchmarks/ablate_dynamic.py --late-steps 40       # + step time late in training
+    python benchmarks/ablate_dynamic.py --variants sparse dla_two_losses --max-iter 700 \
+        --opts MODEL.SPARSE_RCNN.NUM_STAGES 6 MODEL.SPARSE_RCNN.PROPOSAL_BOX_INIT image \
+        --tag _700it_6stages_image                             # another setting
 
 Variants (``--variants``): ``sparse`` (Sparse R-CNN), ``dla`` (+ OTA with dynamic k and the unit
 increasing strategy, one loss), ``dla_two_losses`` (+ the one-to-one loss), ``dpg`` (+ dynamic
@@ -160,32 +163,49 @@ def main():
     parser.add_argument("--output-root", default="output/ablation")
     parser.add_argument("--out", default="benchmarks/results/ablation.jsonl")
     parser.add_argument("--skip-train", action="store_true", help="reuse finished runs")
+    parser.add_argument(
+        "--opts",
+        nargs="+",
+        default=[],
+        help="config KEY VALUE pairs added to every variant (another setting: e.g. "
+        "MODEL.SPARSE_RCNN.NUM_STAGES 6 MODEL.SPARSE_RCNN.PROPOSAL_BOX_INIT image)",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the runs' folders (with --opts)")
+    parser.add_argument(
+        "--table", action="store_true", help="print the table of the records in --out and exit"
+    )
     args = parser.parse_args()
     os.chdir(REPO)
+    if args.table:
+        print_table(latest_records(args.out))
+        return
     records = []
     for seed in args.seeds:
         for name in args.variants:
             config, opts = VARIANTS[name]
-            output_dir = os.path.join(args.output_root, f"{name}_seed{seed}")
-            opts = opts + ["SEED", str(seed), "OUTPUT_DIR", output_dir, "TEST.EVAL_PERIOD", "0"]
+            output_dir = os.path.join(args.output_root, f"{name}_seed{seed}{args.tag}")
+            opts = opts + args.opts
+            opts += ["SEED", str(seed), "OUTPUT_DIR", output_dir, "TEST.EVAL_PERIOD", "0"]
             if args.max_iter:
                 opts += ["SOLVER.MAX_ITER", str(args.max_iter)]
             weights = os.path.join(output_dir, "model_final.pth")
             load_before = os.getloadavg()
             start = time.time()
-            if not (args.skip_train and os.path.isfile(weights)):
+            reused = args.skip_train and os.path.isfile(weights)
+            if not reused:
                 command = [sys.executable, "train_net.py", "--config-file", config] + opts
                 subprocess.run(command, check=True)
-            train_s = time.time() - start
+            train_s = None if reused else round(time.time() - start, 1)
             cfg = get_sparse_rcnn_cfg(REPO / config, opts)
             record = {
                 "bench": "ablate_dynamic",
                 "variant": name,
                 "seed": seed,
+                "setting": args.tag.lstrip("_") or "main job",
                 "config": config,
                 "opts": opts,
                 "max_iter": cfg.SOLVER.MAX_ITER,
-                "train_wall_s": round(train_s, 1),
+                "train_wall_s": train_s,  # None: a finished run reused (--skip-train)
                 **step_times(output_dir),
                 "ap_no_nms": evaluate(cfg, weights, nms=False),
                 "ap_nms_0.7": evaluate(cfg, weights, nms=True),
@@ -205,6 +225,16 @@ def main():
     print_table(records)
 
 
+def latest_records(path: str) -> list:
+    """The records of ``path``, the last one of every run folder (a rerun replaces a run)."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    by_run = {}
+    for r in records:
+        by_run[r["opts"][r["opts"].index("OUTPUT_DIR") + 1]] = r
+    return list(by_run.values())
+
+
 def print_table(records) -> None:
     """The records side by side: COCO box AP without / with NMS 0.7, and the step time."""
     from tabulate import tabulate
@@ -212,18 +242,23 @@ def print_table(records) -> None:
     rows = [
         [
             r["variant"],
+            r.get("setting", "main job"),
+            r["max_iter"],
             r["seed"],
             r["ap_no_nms"]["AP"],
             r["ap_no_nms"]["AP50"],
             r["ap_nms_0.7"]["AP"],
             r["ap_nms_0.7"]["AP50"],
+            r.get("step_s_early"),
             r.get("step_s_late"),
+            r["threads"],
             r["train_wall_s"],
         ]
         for r in records
     ]
-    headers = ["variant", "seed", "AP", "AP50", "AP (NMS)", "AP50 (NMS)", "late step s", "train s"]
-    floatfmt = ("", "", ".1f", ".1f", ".1f", ".1f", ".3f", ".0f")
+    headers = ["variant", "setting", "iterations", "seed", "AP", "AP50", "AP (NMS)"]
+    headers += ["AP50 (NMS)", "early step s", "late step s", "threads", "train s"]
+    floatfmt = ("", "", "", "", ".1f", ".1f", ".1f", ".1f", ".3f", ".3f", "", ".0f")
     print(tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=floatfmt))
 
 

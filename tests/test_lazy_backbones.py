@@ -2,13 +2,11 @@
 configs, built at a small size (no pretrained weights), take a training step (the backbone gets
 gradients and changes) and run inference on the CPU."""
 
-
 import pytest
 import torch
 from conftest import CONFIG_DIR
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
-
 
 SMALL_HEAD = [
     "model.num_classes=3",

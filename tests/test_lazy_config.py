@@ -331,3 +331,33 @@ def test_cfg_free_augmentation_rejects_an_unknown_flip():
 
     with pytest.raises(ValueError, match="random_flip must be horizontal, vertical or none"):
         sparse_rcnn_train_augmentation(random_flip="diagonal")
+
+
+def test_lazy_training_skips_a_non_finite_step_like_the_yaml_path():
+    from detectron2.utils.events import EventStorage
+
+    from sparse_rcnn.engine import NonFiniteSkippingTrainer
+    from sparse_rcnn.lazy_engine import build_trainer
+
+    cfg = load_lazy("sparse_rcnn_quick_cpu")
+    model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    batch = _inputs((96, 128))
+    trainer = build_trainer(cfg, model, iter([batch, batch]), instantiate(cfg.optimizer))
+    assert isinstance(trainer, NonFiniteSkippingTrainer)
+    assert trainer.base_lr == cfg.optimizer.lr == 6e-4
+    assert trainer.ims_per_batch == cfg.dataloader.train.total_batch_size == 4
+    # Parameters (BN running statistics move in any training-mode forward, skipped or not).
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    nan = model.head.head_series[1].register_forward_hook(
+        lambda module, inputs, output: (output[0] * float("nan"),) + tuple(output[1:])
+    )
+    with EventStorage(0):
+        trainer.iter = 0
+        trainer.run_step()
+    nan.remove()
+    assert trainer.skipped_steps == 1
+    assert model.criterion.non_finite.startswith("stage 2 pred_logits")
+    for key, value in model.named_parameters():
+        assert torch.equal(value, before[key]), key
+    assert not trainer.optimizer.state  # AdamW took no step

@@ -5,6 +5,7 @@ on the result."""
 import json
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import REPO_ROOT, TINY_CONFIG, registered_synthetic_shapes
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, default_argument_parser
 
-from sparse_rcnn.demo import draw_predictions
+from sparse_rcnn.demo import draw_predictions, f1_optimal_threshold
 from sparse_rcnn.demo import main as demo_main
 from sparse_rcnn.demo import setup_cfg
 
@@ -180,6 +181,16 @@ def test_default_predictor_and_demo(trained, datasets, tmp_path):
     assert sorted(p.name for p in from_dataset.iterdir()) == sorted(
         p.rsplit("/", 1)[-1] for p in first_three
     )
+    # The default threshold ("auto") draws the detections above the F1-optimal threshold of the
+    # drawn images' ground truth.
+    three = DatasetCatalog.get(f"{PREFIX}_val")[:3]
+    found = [predictor(cv2.imread(r["file_name"]))["instances"].to("cpu") for r in three]
+    threshold = f1_optimal_threshold(found, three)
+    drawn = demo_main(
+        ["--config-file", str(TINY_CONFIG), "--dataset", f"{PREFIX}_val", "--num-images", "3"]
+        + ["--output", str(tmp_path / "vis_auto"), "--opts", *opts]
+    )
+    assert drawn == sum(int((p.scores > threshold).sum()) for p in found)
 
 
 def test_eval_only_per_stage_reports_every_stage(trained):
@@ -236,7 +247,14 @@ def test_dynamic_sparse_rcnn_trains_and_its_checkpoint_evaluates(datasets, tmp_p
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a CUDA device")
 def test_amp_without_cuda_is_a_clear_config_error(tmp_path):
     args = default_argument_parser().parse_args(
-        ["--config-file", str(TINY_CONFIG), "SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(tmp_path)]
+        [
+            "--config-file",
+            str(TINY_CONFIG),
+            "SOLVER.AMP.ENABLED",
+            "True",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ]
     )
     with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED needs a CUDA device"):
         train_net.setup(args)

@@ -116,3 +116,23 @@ def test_report_without_evaluation_says_so(tmp_path):
     _write_metrics(tmp_path, _training_records())
     with pytest.raises(SystemExit, match="No COCO evaluation"):
         report.main([str(tmp_path)])
+
+
+def test_labels_of_the_same_box_do_not_cover_each_other():
+    from sparse_rcnn.visualization import place_label
+
+    # Two detections of one object (the same box): the second label goes above the first.
+    box, label = (40, 60, 120, 100), (50, 14)
+    first = place_label(box, label, [], (200, 200))
+    assert first == (40, 60 - 14 - 2)
+    placed = [(first[0], first[1], first[0] + 50, first[1] + 14)]
+    second = place_label(box, label, placed, (200, 200))
+    assert second == (40, first[1] - 15)
+    # No room above: below the box, then further down.
+    top_box = (0, 0, 60, 40)
+    low = place_label(top_box, label, [], (200, 200))
+    assert low == (0, 42)
+    lower = place_label(top_box, label, [(0, 42, 50, 56)], (200, 200))
+    assert lower == (0, 57)
+    # A label that would leave the canvas on the right is moved left onto it.
+    assert place_label((190, 60, 199, 80), label, [], (200, 200))[0] == 150

@@ -254,7 +254,7 @@ def check_weights_file(path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"MODEL.WEIGHTS {path} does not exist (working directory {os.getcwd()}): give the "
-            "path of a checkpoint (e.g. output/quick_cpu/model_final.pth), or '' for an "
+            "path of a checkpoint (e.g. output/demo_cpu/model_final.pth), or '' for an "
             "untrained model."
         )
 

@@ -156,6 +156,7 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
     # padding); the official code ran one copy at a time. Larger values pad smaller copies.
     cfg.TEST.AUG.BATCH_SIZE = 2
 
+
 def get_sparse_rcnn_cfg(config_file: Optional[str] = None, opts: Sequence = ()) -> CN:
     """Detectron2's default config with our keys, merged from ``config_file`` (a yaml path) and
     ``opts`` (``[key, value, ...]`` as on a command line; values may be strings or Python values).

@@ -104,10 +104,17 @@ class DynamicConv(nn.Module):
         Returns:
             (R, C) object features.
         """
-        parameters = self.dynamic_layer(proposal_features)
-        # split (not two slices): its backward concatenates the two gradients instead of
-        # zero-filling a full (R, 2 * C * D) buffer per slice.
-        param1, param2 = parameters.split(self.num_params, dim=1)
+        if torch.jit.is_tracing():
+            # The exported graph computes the two kernels with one GEMM each on the halves of
+            # the weight (constants): no Split copying the (R, 2 * C * D) output in the runtime.
+            weights = self.dynamic_layer.weight.split(self.num_params)
+            biases = self.dynamic_layer.bias.split(self.num_params)
+            param1, param2 = (F.linear(proposal_features, w, b) for w, b in zip(weights, biases))
+        else:
+            parameters = self.dynamic_layer(proposal_features)
+            # split (not two slices): its backward concatenates the two gradients instead of
+            # zero-filling a full (R, 2 * C * D) buffer per slice.
+            param1, param2 = parameters.split(self.num_params, dim=1)
         param1 = param1.view(-1, self.hidden_dim, self.dim_dynamic)
         param2 = param2.view(-1, self.dim_dynamic, self.hidden_dim)
         # Without autograd nothing keeps the LayerNorm outputs: apply the ReLUs in place (not

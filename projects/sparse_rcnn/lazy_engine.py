@@ -22,9 +22,13 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from .builtin_datasets import prepare_builtin_dataset
-from .engine import enable_cpu_distributed_training, setup_process_runtime
+from .engine import (
+    NonFiniteSkippingTrainer,
+    enable_cpu_distributed_training,
+    setup_process_runtime,
+)
 
-__all__ = ["is_lazy_config", "setup_lazy", "do_test", "do_train", "main_lazy"]
+__all__ = ["is_lazy_config", "setup_lazy", "build_trainer", "do_test", "do_train", "main_lazy"]
 
 logger = logging.getLogger("detectron2")
 
@@ -90,8 +94,24 @@ def do_test(cfg, model) -> Dict:
     return results
 
 
+def build_trainer(cfg, model, train_loader, optimizer) -> SimpleTrainer:
+    """The yaml path's trainer: :class:`NonFiniteSkippingTrainer` (a step with non-finite
+    predictions, loss or gradient norm is skipped; the run stops, naming the LR, after 5 in a row),
+    with ``optimizer.lr`` and ``dataloader.train.total_batch_size`` for its message; Detectron2's
+    AMPTrainer with ``train.amp.enabled`` (CUDA, which handles non-finite steps itself)."""
+    if cfg.train.amp.enabled:
+        return AMPTrainer(model, train_loader, optimizer)
+    return NonFiniteSkippingTrainer(
+        model,
+        train_loader,
+        optimizer,
+        base_lr=float(cfg.optimizer.lr),
+        ims_per_batch=int(cfg.dataloader.train.total_batch_size),
+    )
+
+
 def do_train(args, cfg) -> Dict:
-    """Train with Detectron2's SimpleTrainer (AMPTrainer with ``train.amp.enabled``): LR schedule,
+    """Train with :func:`build_trainer`'s trainer: LR schedule,
     periodic checkpoints, periodic and final evaluation, console / ``metrics.json`` / TensorBoard.
 
     Returns:
@@ -107,9 +127,7 @@ def do_train(args, cfg) -> Dict:
     train_loader = instantiate(cfg.dataloader.train)
 
     model = defaults.create_ddp_model(model, **cfg.train.ddp)  # CPU-aware after enable_cpu_...
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
-        model, train_loader, optimizer
-    )
+    trainer = build_trainer(cfg, model, train_loader, optimizer)
     checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     last_results = {}
 
@@ -151,7 +169,9 @@ def main_lazy(args):
     """``train_net.py``'s entry point for a ``.py`` config: train, or ``--eval-only``."""
     cfg = setup_lazy(args)
     enable_cpu_distributed_training()
-    setup_process_runtime(cfg.train.device, cfg.train.output_dir)  # logging, CPU threads, subnormals
+    setup_process_runtime(
+        cfg.train.device, cfg.train.output_dir
+    )  # logging, CPU threads, subnormals
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)

@@ -1,6 +1,6 @@
 """Report a finished training run: its COCO box AP and where its pictures are.
 
-    python -m sparse_rcnn.report output/quick_cpu
+    python -m sparse_rcnn.report output/demo_cpu
 
 Reads ``{output_dir}/metrics.json``, prints the last evaluation's AP table (and the AP of every
 stage, if the run evaluated with ``MODEL.SPARSE_RCNN.EVAL_PER_STAGE``), draws the training curves
@@ -20,14 +20,16 @@ def last_evaluation(records) -> dict:
     """The last evaluation among metrics.json records (keys ``bbox/AP``, ...)."""
     evaluations = [r for r in records if "bbox/AP" in r]
     if not evaluations:
-        raise SystemExit("No COCO evaluation in metrics.json (was TEST.EVAL_PERIOD or the final "
-                         "evaluation skipped?)")
+        raise SystemExit(
+            "No COCO evaluation in metrics.json (was TEST.EVAL_PERIOD or the final "
+            "evaluation skipped?)"
+        )
     return evaluations[-1]
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    output_dir = argv[0] if argv else "output/quick_cpu"
+    output_dir = argv[0] if argv else "output/demo_cpu"
     records = read_metrics(output_dir)
     record = last_evaluation(records)
     metrics = ["AP", "AP50", "AP75", "APs", "APm", "APl"]

@@ -34,6 +34,39 @@ def _color(class_id: int) -> Tuple[int, int, int]:
     return _COLORS[class_id % len(_COLORS)]
 
 
+def _overlaps(a: Tuple[int, int, int, int], b: Tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_label(
+    box: Tuple[int, int, int, int],
+    label_size: Tuple[int, int],
+    placed: Sequence[Tuple[int, int, int, int]],
+    canvas_size: Tuple[int, int],
+) -> Tuple[int, int]:
+    """Top-left corner of a box's label: just above the box, else just below it (no room above),
+    moved further out (up, or down below the box) past the labels already ``placed`` so that no
+    two labels cover each other (two detections of one object have the same box); on the canvas.
+
+    Args:
+        box: x0, y0, x1, y1 on the canvas.
+        label_size: label width and height.
+        placed: x0, y0, x1, y1 of the labels drawn so far.
+        canvas_size: canvas width and height.
+    """
+    (x0, y0, _, y1), (width, height) = box, label_size
+    left = int(np.clip(x0, 0, max(canvas_size[0] - width, 0)))
+    step = height + 1
+    candidates = list(range(y0 - height - 2, -1, -step))  # above the box, going up
+    candidates += list(range(y1 + 2, canvas_size[1] - height + 1, step))  # below, going down
+    candidates.append(max(min(y1 + 2, canvas_size[1] - height), 0))  # the bottom row
+    for top in candidates:
+        if not any(_overlaps((left, top, left + width, top + height), p) for p in placed):
+            return left, top
+    # Every row is taken (a crowded image): the first choice, as without other labels.
+    return left, candidates[0]
+
+
 def draw_boxes(
     image_bgr: np.ndarray,
     boxes: np.ndarray,
@@ -58,6 +91,7 @@ def draw_boxes(
     size = (int(round(width * scale)), int(round(height * scale)))
     canvas = cv2.resize(image_bgr, size, interpolation=cv2.INTER_LINEAR)
     font, font_scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1
+    placed: List[Tuple[int, int, int, int]] = []
     for index, (box, class_id) in enumerate(zip(np.asarray(boxes, dtype=np.float64), classes)):
         x0, y0, x1, y1 = (int(round(v * scale)) for v in box)
         color = _color(int(class_id))
@@ -65,11 +99,8 @@ def draw_boxes(
         name = class_names[int(class_id)] if int(class_id) < len(class_names) else str(class_id)
         label = name if scores is None else f"{name} {float(scores[index]):.2f}"
         (text_w, text_h), baseline = cv2.getTextSize(label, font, font_scale, thickness)
-        # Above the box where there is room, else just below its top edge outside the object row.
-        top = y0 - text_h - baseline - 2
-        if top < 0:
-            top = min(y1 + 2, size[1] - text_h - baseline)
-        left = int(np.clip(x0, 0, max(size[0] - text_w, 0)))
+        left, top = place_label((x0, y0, x1, y1), (text_w, text_h + baseline), placed, size)
+        placed.append((left, top, left + text_w, top + text_h + baseline))
         cv2.rectangle(canvas, (left, top), (left + text_w, top + text_h + baseline), color, -1)
         cv2.putText(
             canvas, label, (left, top + text_h), font, font_scale, (255, 255, 255), thickness,
