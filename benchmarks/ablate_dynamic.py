@@ -110,6 +110,46 @@ def subnormal_counts(named_tensors) -> dict:
     return counts
 
 
+def subnormal_sources(model, optimizer, batch, top: int = 8) -> dict:
+    """Which operations of one training step (forward, backward, optimizer step) write subnormal
+    float32/float64 values: every ATen call is seen (``TorchDispatchMode``) and its outputs are
+    counted. Returns the ``top`` largest: "op dtype (innermost sparse_rcnn source line)" -> count.
+    Freshly allocated outputs (``empty``/``new_empty``/their views) hold garbage until written and
+    are not counted."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    counts = {}
+    uninitialised = ("empty", "new_empty", "new_empty_strided", "empty_strided", "slice", "view")
+
+    class CountSubnormals(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in uninitialised:
+                return out
+            for t in tree_flatten(out)[0]:
+                if not (torch.is_tensor(t) and t.is_floating_point() and t.numel()):
+                    continue
+                count = int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+                if count:
+                    ours = [f for f in traceback.extract_stack() if "/sparse_rcnn/" in f.filename]
+                    line = (
+                        f"{ours[-1].filename.rsplit('/', 1)[-1]}:{ours[-1].lineno}" if ours else ""
+                    )
+                    key = f"{func.__name__} {str(t.dtype).replace('torch.', '')} ({line})"
+                    counts[key] = counts.get(key, 0) + count
+            return out
+
+    with CountSubnormals():
+        loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
+
+
 def late_steps(cfg, weights, steps: int) -> dict:
     """Time ``steps`` training steps from a trained checkpoint, flush-to-zero off then on."""
     from detectron2.checkpoint import DetectionCheckpointer
@@ -140,6 +180,8 @@ def late_steps(cfg, weights, steps: int) -> dict:
         key = "flush" if flush else "no_flush"
         record[f"late_step_s_{key}"] = round(statistics.median(times[steps // 4 :]), 4)
         if not flush:
+            with EventStorage(cfg.SOLVER.MAX_ITER):
+                record["subnormal_sources"] = subnormal_sources(model, optimizer, next(loader))
             grads = [(f"grad:{n}", p.grad) for n, p in model.named_parameters()]
             states = [
                 (f"adam:{n}:{k}", v)

@@ -520,3 +520,26 @@ def test_criterion_from_config_two_losses():
     assert criterion.normalize_by == "num_positives"
     plain = build_criterion(make_cfg())
     assert plain.one_to_one_matcher is None and plain.normalize_by == "num_gt"
+
+
+@pytest.mark.parametrize("form", ["scaling", "log"])
+def test_sinkhorn_plan_has_no_subnormal_entries(form):
+    # Cost gaps of 10 at eps 0.1 give plan entries of 5e-46 and 2.7e-42: below float32's smallest
+    # normal number. They become exact zeros; every other entry is the float64 plan's.
+    cost = torch.tensor([[0.0, 10.0, 0.0], [10.0, 0.0, 0.0]], dtype=torch.float64)
+    supply = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    run = _sinkhorn_scaling if form == "scaling" else _sinkhorn_log
+    plan = run(cost, supply, None, 0.1, 50)
+    tiny = torch.finfo(torch.float32).tiny
+    assert plan.dtype == torch.float32
+    assert not ((plan != 0) & (plan.abs() < tiny)).any()
+    # The same iterations by hand in float64 (u = mu / K v, v = nu / K^T u, from u = v = 1).
+    kernel, u, v = torch.exp(-cost / 0.1), torch.ones(2, dtype=torch.float64), torch.ones(3)
+    v = v.double()
+    for _ in range(50):
+        u = supply / (kernel @ v)
+        v = 1.0 / (kernel.T @ u)
+    reference = u[:, None] * kernel * v[None, :]
+    small = reference < tiny
+    assert small.sum() == 2 and (plan[small] == 0).all()
+    torch.testing.assert_close(plan[~small].double(), reference[~small], rtol=1e-5, atol=0)
