@@ -1,6 +1,6 @@
 """Run a trained Sparse R-CNN on images and draw its detections, like Detectron2's demo.
 
-    python -m sparse_rcnn.demo --config-file configs/dynamic_sparse_rcnn_demo_cpu.yaml \
+    python -m sparse_rcnn.demo --config-file configs/dynamic_sparse_rcnn_dla_only_quick_cpu.yaml \
         --input img1.png img2.png (or a folder) --output out_dir \
         --opts MODEL.WEIGHTS output/demo_cpu/model_final.pth
 
