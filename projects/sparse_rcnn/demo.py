@@ -37,7 +37,8 @@ from .config import get_sparse_rcnn_cfg
 from .engine import setup_package_logger
 from .visualization import draw_prediction_beside_ground_truth
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: run as `python -m sparse_rcnn.demo` the module is "__main__".
+logger = logging.getLogger("sparse_rcnn.demo")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 AUTO = "auto"

@@ -54,7 +54,8 @@ __all__ = [
     "sample_input",
 ]
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: run as `python -m sparse_rcnn.export` the module is "__main__".
+logger = logging.getLogger("sparse_rcnn.export")
 
 ONNX_OPSET = 17
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}
