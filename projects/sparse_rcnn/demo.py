@@ -8,12 +8,14 @@
 of ``--input`` and draws their ground truth beside the predictions.
 
 The default ``--confidence-threshold auto`` suits the model shown: a short-schedule model trained
-from scratch scores its correct detections far below Detectron2's fixed 0.5 (the 10-minute demo
-model's best scores are about 0.3-0.4), a COCO model above it. ``auto`` is the score threshold at
+from scratch scores its correct detections far below Detectron2's fixed 0.5 (the main job's
+model: about 0.3), a COCO model above it. ``auto`` is the score threshold at
 which the detections best match the ground truth (highest F1 at IoU 0.5, same class, each ground
 truth box matched once, as COCO matches): of the drawn images when they come from ``--dataset``,
 otherwise of the first ``--num-images`` images of the config's ``DATASETS.TEST[0]`` when its files
-are there, otherwise 0.5. The chosen value and where it came from are logged. ``--onnx model.onnx`` runs an exported graph with ONNX Runtime instead of the
+are there, otherwise 0.5. The chosen value and where it came from are logged.
+
+``--onnx model.onnx`` runs an exported graph with ONNX Runtime instead of the
 PyTorch model (``python -m sparse_rcnn.export``).
 """
 
