@@ -97,14 +97,19 @@ def step_times(output_dir: str) -> dict:
     }
 
 
+def num_subnormal(tensor: torch.Tensor) -> int:
+    """How many values of a floating-point tensor are subnormal in its own dtype."""
+    return int(((tensor != 0) & (tensor.abs() < torch.finfo(tensor.dtype).tiny)).sum())
+
+
 def subnormal_counts(named_tensors) -> dict:
-    """name -> number of subnormal float32 values, for tensors that hold any."""
-    tiny = torch.finfo(torch.float32).tiny
+    """name -> number of subnormal values (the weights, gradients and AdamW state are float32),
+    for tensors that hold any."""
     counts = {}
     for name, tensor in named_tensors:
         if tensor is None or not tensor.is_floating_point():
             continue
-        count = int(((tensor != 0) & (tensor.abs() < tiny)).sum())
+        count = num_subnormal(tensor)
         if count:
             counts[name] = count
     return counts
@@ -132,7 +137,7 @@ def subnormal_sources(model, optimizer, batch, top: int = 8) -> dict:
             for t in tree_flatten(out)[0]:
                 if not (torch.is_tensor(t) and t.is_floating_point() and t.numel()):
                     continue
-                count = int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+                count = num_subnormal(t)
                 if count:
                     ours = [f for f in traceback.extract_stack() if "/sparse_rcnn/" in f.filename]
                     line = (
