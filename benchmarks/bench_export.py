@@ -17,13 +17,25 @@ boxes within 0.01 px: the 1e-3 px of the tests is 1e-6 of the ~1000-px coordinat
 (tests/test_export.py), the random model's box-delta layers are scaled by ``--delta-scale``
 (0.1) so that its boxes stay on the image as a trained model's do (the same operations run).
 
+``--split N`` then times N more runs of each, one runtime after the other (never interleaved: each
+runtime's idle threads spin for a while after a run and slow the other one down), split into the
+backbone (the ``backbone`` module / the graph's nodes under ``/backbone``), the head (``head`` /
+``/head``) and the rest (normalisation, padding, layout reorders), the ONNX Runtime parts from its
+profiler's node times with the head's five costliest operator types, in a second record
+(``export_time_split``).
+
 Usage:
     python benchmarks/bench_export.py [--threads 2] [--min-run-time 20] [--onnx out/r50_300.onnx]
+        [--split 5]
 """
 
 import argparse
+import collections
+import json
 import os
+import statistics
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -40,6 +52,7 @@ def main():
     parser.add_argument("--width", type=int, default=1216)
     parser.add_argument("--delta-scale", type=float, default=0.1)
     parser.add_argument("--onnx", default=None, help="an exported graph of the same model")
+    parser.add_argument("--split", type=int, default=0, help="runs of the backbone/head split")
     args, device, rec = common.parse_args(parser, "export.jsonl", min_run_time=20.0)
     if device.type != "cpu":
         raise SystemExit("bench_export.py compares CPU runtimes: run it with --device cpu")
@@ -61,12 +74,7 @@ def main():
     if path is None:
         path = os.path.join(tempfile.mkdtemp(prefix="bench_export_"), "model.onnx")
         export_onnx(model, image, path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = make_session(ort, path, args.threads)
     feed = {"image": image.numpy()}
 
     outputs = {}
@@ -102,6 +110,81 @@ def main():
             "target_pass": speedup >= TARGET_SPEEDUP,
         },
     )
+    if args.split:  # the ONNX Runtime "other": padding, normalisation, layout reorders, top-k
+        rec.begin()
+        record = {"config": common.config_text(CONFIG, []), "input": [3, args.height, args.width]}
+        record.update(runs=args.split, **eager_split(model, image, args.split))
+        record.update(onnxruntime_split(ort, path, feed, args.threads, args.split))
+        rec.emit("export_time_split", **record)
+
+
+def make_session(ort, path: str, threads: int, profile_prefix: str = ""):
+    """An InferenceSession as ``ONNXRuntimePredictor`` makes it (CPU, all graph optimisations,
+    ``threads`` intra-op threads, sequential), profiling its runs when ``profile_prefix`` is set."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def eager_split(model, image: torch.Tensor, runs: int) -> dict:
+    """Medians over ``runs`` eager inferences (after one warm-up) of the whole, of the backbone and
+    head forwards and of the rest of each run (``other``: normalisation, padding, top-k), in ms."""
+    from sparse_rcnn.export import inference_func
+
+    timer = common.PartTimer(torch.device("cpu"))
+    timer.wrap(model.backbone, "backbone")
+    timer.wrap(model.head, "head")
+    per_run = []
+    with torch.no_grad():
+        for run in range(runs + 1):
+            start = time.perf_counter()
+            inference_func(model, image)
+            parts = {"total": time.perf_counter() - start, **timer.take()}
+            parts["other"] = parts["total"] - parts["backbone"] - parts["head"]
+            per_run.append(parts)
+    return _medians_ms("eager", per_run[1:])
+
+
+def onnxruntime_split(ort, path: str, feed: dict, threads: int, runs: int) -> dict:
+    """The same for ``runs`` profiled ONNX Runtime runs (after one warm-up): each run's wall time
+    and the summed kernel times of its backbone, head and other nodes (node names carry the module
+    path: "/backbone/...", "/head/..."), with the head's five costliest operator types."""
+    prefix = os.path.join(tempfile.mkdtemp(prefix="bench_export_profile_"), "ort")
+    session = make_session(ort, path, threads, profile_prefix=prefix)
+    for _ in range(runs + 1):
+        session.run(None, feed)
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run"]
+    per_run = [collections.defaultdict(float, total=(end - ts) / 1e6) for ts, end in spans]
+    head_ops = [collections.defaultdict(float) for _ in spans]
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        run = next(i for i, (ts, end) in enumerate(spans) if ts <= event["ts"] <= end)
+        name, seconds = event["name"], event["dur"] / 1e6
+        part = "backbone" if "/backbone" in name else "head" if "/head" in name else "other"
+        per_run[run][part] += seconds
+        if part == "head":
+            head_ops[run][event["args"].get("op_name", "?")] += seconds
+    out = _medians_ms("onnxruntime", per_run[1:])
+    ops = {op: statistics.median(r[op] for r in head_ops[1:]) * 1e3 for op in head_ops[-1]}
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:5]
+    out["onnxruntime_head_top_ops_ms"] = {op: round(ms, 1) for op, ms in top}
+    return out
+
+
+def _medians_ms(runtime: str, per_run) -> dict:
+    names = ("total", "backbone", "head", "other")
+    return {
+        f"{runtime}_{n}_ms": round(statistics.median(r[n] for r in per_run) * 1e3, 1) for n in names
+    }
 
 
 if __name__ == "__main__":

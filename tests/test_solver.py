@@ -218,3 +218,25 @@ def test_bad_optimizer_name():
     model = build_model(cfg)
     with pytest.raises(ValueError, match="LAMB"):
         build_optimizer(cfg, model)
+
+
+@pytest.mark.parametrize("name", ["ADAMW", "SGD"])
+def test_foreach_optimizer_steps_like_the_for_loop_one(name):
+    """The optimizers use the multi-tensor implementation on a CPU too (PyTorch's default there is
+    the per-parameter loop), and three steps give the same weights bit for bit."""
+    opts = ["SOLVER.OPTIMIZER", name, "SOLVER.MOMENTUM", 0.9, "SOLVER.BACKBONE_MULTIPLIER", 0.1]
+    cfg, model, opt = build(opts)
+    assert all(group["foreach"] is True for group in opt.param_groups)
+    loop_model = copy.deepcopy(model)
+    loop_opt = build_optimizer(cfg, loop_model)
+    for group in loop_opt.param_groups:
+        group["foreach"] = False
+    for step, scale in enumerate([1000.0, 1e-3, 1.0]):  # clipped, not clipped, clipped
+        set_random_grads(model, scale, seed=10 + step)
+        set_random_grads(loop_model, scale, seed=10 + step)
+        opt.step()
+        loop_opt.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), loop_model.named_parameters()):
+        assert torch.equal(p, q), n
+    fresh = build()[1]  # the same seed-0 weights before any step: the steps did move them
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))

@@ -25,4 +25,5 @@ AdamW = L(full_model_clipped_optimizer)(
     betas=(0.9, 0.999),
     eps=1e-8,
     weight_decay=1e-4,
+    foreach=True,  # the multi-tensor AdamW on a CPU too (sparse_rcnn.solver.build_optimizer)
 )

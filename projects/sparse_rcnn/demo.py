@@ -30,14 +30,14 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
-from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.visualizer import Visualizer
 
 from .builtin_datasets import prepare_builtin_dataset
 from .checks import check_device, check_weights_file, explain_checkpoint_errors
 from .config import get_sparse_rcnn_cfg
 from .engine import setup_package_logger
-from .visualization import draw_prediction_beside_ground_truth
+from .visualization import draw_prediction_beside_ground_truth, ground_truth
 
 # Named, not __name__: run as `python -m sparse_rcnn.demo` the module is "__main__".
 logger = logging.getLogger("sparse_rcnn.demo")
@@ -112,19 +112,13 @@ def render(
 def _true_positives(instances: Instances, record: Dict, iou_threshold: float) -> torch.Tensor:
     """(D,) bool: detection d (in descending score order) matches a not yet matched ground-truth
     box of its class with IoU >= ``iou_threshold`` (greedy by score, as COCO matches)."""
-    annotations = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+    gt_boxes, gt_classes = ground_truth(record)
     order = instances.scores.argsort(descending=True)
     hit = torch.zeros(len(order), dtype=torch.bool)
-    if not annotations or not len(order):
+    if not gt_classes or not len(order):
         return hit
-    gt = Boxes(
-        torch.tensor(
-            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations],
-            dtype=torch.float32,
-        )
-    )
-    gt_classes = torch.tensor([a["category_id"] for a in annotations])
-    iou = pairwise_iou(instances.pred_boxes[order], gt)  # (D, G)
+    gt_classes = torch.tensor(gt_classes)
+    iou = pairwise_iou(instances.pred_boxes[order], Boxes(torch.from_numpy(gt_boxes)))  # (D, G)
     iou[instances.pred_classes[order][:, None] != gt_classes[None, :]] = -1.0
     for d in range(len(order)):
         best, g = iou[d].max(0)
@@ -156,7 +150,7 @@ def f1_optimal_threshold(
     """
     scores, hits, num_gt = [], [], 0
     for instances, record in zip(predictions, records):
-        num_gt += sum(1 for a in record.get("annotations", []) if not a.get("iscrowd", 0))
+        num_gt += len(ground_truth(record)[1])
         scores.append(instances.scores.sort(descending=True).values)
         hits.append(_true_positives(instances, record, iou_threshold))
     scores, hits = torch.cat(scores), torch.cat(hits)

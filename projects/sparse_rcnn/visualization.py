@@ -109,6 +109,15 @@ def draw_boxes(
     return canvas
 
 
+def ground_truth(record: Dict) -> Tuple[np.ndarray, List[int]]:
+    """(G, 4) XYXY_ABS boxes and the G category ids of the annotations of a Detectron2 dataset
+    dict that are not crowd regions (registered COCO-json datasets already hold contiguous ids).
+    """
+    annotations = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+    boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations]
+    return np.array(boxes, dtype=np.float32).reshape(-1, 4), [a["category_id"] for a in annotations]
+
+
 def _titled(image: np.ndarray, title: str) -> np.ndarray:
     bar = np.full((24, image.shape[1], 3), 255, dtype=np.uint8)
     cv2.putText(bar, title, (4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
@@ -141,15 +150,10 @@ def draw_prediction_beside_ground_truth(
     )
     panels = [_titled(predicted, f"prediction ({len(instances)})")]
     if record is not None and "annotations" in record:
-        annotations = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
-        boxes = np.array(
-            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations]
-        ).reshape(-1, 4)
-        # Registered COCO-json datasets (load_coco_json) already hold contiguous class ids.
-        classes = [a["category_id"] for a in annotations]
+        boxes, classes = ground_truth(record)
         truth = draw_boxes(image_bgr, boxes, classes, class_names, None, scale)
         gap = np.full((predicted.shape[0] + 24, 8, 3), 255, dtype=np.uint8)
-        panels = [_titled(truth, f"ground truth ({len(annotations)})"), gap] + panels
+        panels = [_titled(truth, f"ground truth ({len(classes)})"), gap] + panels
     return np.concatenate(panels, axis=1)
 
 
