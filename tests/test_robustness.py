@@ -28,7 +28,7 @@ from detectron2.engine import default_argument_parser, defaults
 from detectron2.utils.events import EventStorage
 from test_distributed import make_batch
 
-from sparse_rcnn import checks
+from sparse_rcnn import checks, engine
 from sparse_rcnn import demo as demo_module
 from sparse_rcnn.dataset_mapper import SparseRCNNDatasetMapper
 from sparse_rcnn.engine import (
@@ -340,6 +340,37 @@ def test_a_non_finite_gradient_norm_alone_skips_the_step():
     assert trainer.skipped_steps == 1
     assert_same(weights, snapshot(trainer)[0])
     assert trainer.optimizer.state_dict()["state"] == {}
+
+
+def test_a_trainer_step_computes_the_gradient_norm_once_and_steps_as_the_optimizer(monkeypatch):
+    """The non-finite check takes the norm from the optimizer's full-model clipping, so a step
+    computes it once, and the weights are those of clipping inside ``optimizer.step``."""
+    calls = []
+
+    def counting(function):
+        def counted(*args, **kwargs):
+            calls.append(function.__name__)
+            return function(*args, **kwargs)
+
+        return counted
+
+    trainer = make_trainer(build_tiny_model(seed=0))
+    reference = build_tiny_model(seed=0)
+    reference_opt = build_optimizer(make_cfg(opts=["SOLVER.BASE_LR", 1e-4]), reference)
+    # Every total-norm computation: the clipping's and the trainer's own fallback.
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting(torch.nn.utils.clip_grad_norm_))
+    monkeypatch.setattr(engine, "total_grad_norm", counting(engine.total_grad_norm))
+    with EventStorage(0):
+        for iteration in range(2):
+            trainer.iter = iteration
+            trainer.run_step()
+            assert len(calls) == 2 * iteration + 1  # the trainer's step: one norm
+            reference_opt.zero_grad()
+            sum(reference(make_batch()[:2]).values()).backward()
+            reference_opt.step()  # clips inside step
+    assert len(calls) == 4
+    for (name, p), q in zip(trainer.model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_repeated_nan_stops_the_run_naming_the_lr_and_the_fix():

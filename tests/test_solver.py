@@ -240,3 +240,34 @@ def test_foreach_optimizer_steps_like_the_for_loop_one(name):
         assert torch.equal(p, q), n
     fresh = build()[1]  # the same seed-0 weights before any step: the steps did move them
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
+
+
+def test_clip_gradients_then_step_computes_the_norm_once(monkeypatch):
+    """``clip_gradients`` returns the total norm before clipping and clips; the ``step`` after it
+    does not compute the norm again; ``zero_grad`` forgets a clip whose step did not come."""
+    cfg, model, opt = build()
+    calls = []
+    clip_grad_norm = torch.nn.utils.clip_grad_norm_
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return clip_grad_norm(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting)
+    set_random_grads(model, 1000.0, seed=20)
+    before = total_norm([p for _, p in trainable(model)])
+    norm = opt.clip_gradients()
+    assert float(norm) == pytest.approx(before, rel=1e-5)
+    assert total_norm([p for _, p in trainable(model)]) == pytest.approx(1.0, rel=1e-4)
+    opt.step()
+    assert len(calls) == 1
+    set_random_grads(model, 1000.0, seed=21)
+    opt.step()  # without clip_gradients: step clips by itself
+    assert len(calls) == 2
+    assert total_norm([p for _, p in trainable(model)]) == pytest.approx(1.0, rel=1e-4)
+    opt.clip_gradients()
+    opt.zero_grad()
+    set_random_grads(model, 1000.0, seed=22)
+    opt.step()  # the forgotten clip: these new gradients are clipped
+    assert len(calls) == 4
+    assert total_norm([p for _, p in trainable(model)]) == pytest.approx(1.0, rel=1e-4)

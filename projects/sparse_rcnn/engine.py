@@ -201,7 +201,10 @@ class NonFiniteSkippingTrainer(SimpleTrainer):
         elif not bool(torch.isfinite(losses)):
             problem = f"non-finite loss {losses.item()}"
         else:
-            norm = total_grad_norm(self._parameters())
+            # With full-model clipping the optimizer clips now and returns the norm it computed, and
+            # its step does not compute it again (sparse_rcnn.solver).
+            clip = getattr(self.optimizer, "clip_gradients", None)
+            norm = clip() if clip is not None else total_grad_norm(self._parameters())
             if not bool(torch.isfinite(norm)):
                 problem = f"non-finite total gradient norm {norm.item()}"
         if comm.get_world_size() > 1:
