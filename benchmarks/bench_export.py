@@ -2,8 +2,9 @@
 
 Exports configs/sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml (random weights, seed 0) with
 ``sparse_rcnn.export.export_onnx`` (or takes ``--onnx FILE``, exported from the same seed) and
-times, one after another (``torch.utils.benchmark``'s ``blocked_autorange``, see common.py), on the
-same random image with the same number of threads:
+times, in ``--rounds`` (3) alternating blocks of ``--min-run-time`` / rounds seconds each
+(``torch.utils.benchmark``'s ``blocked_autorange``, see common.py), on the same random image with
+the same number of threads:
 
 * ``eager``: ``model.inference([{"image": image}], do_postprocess=False)`` under
   ``torch.no_grad()`` (what ``DefaultPredictor`` runs, without its resize);
@@ -12,8 +13,10 @@ same random image with the same number of threads:
 
 It checks that the detections are identical (same number, order and classes, scores within 1e-4,
 boxes within 0.01 px: the 1e-3 px of the tests is 1e-6 of the ~1000-px coordinates here, about
-8 float32 ulps, and 6 stages at 300 proposals measured 1.7e-3 px) and prints one JSON record with min/median/max of each, the speed-up
-(eager median / ONNX Runtime median), the target (>= 1.7x) and the load average. As in the tests
+8 float32 ulps, and 6 stages at 300 proposals measured 1.7e-3 px) and prints one JSON record with
+min/median/max of each over all rounds, the speed-up of every round (eager median / ONNX Runtime
+median of that round) and their median (``speedup_onnxruntime_vs_eager``), the target (>= 1.7x)
+and the load average. As in the tests
 (tests/test_export.py), the random model's box-delta layers are scaled by ``--delta-scale``
 (0.1) so that its boxes stay on the image as a trained model's do (the same operations run).
 
@@ -53,6 +56,7 @@ def main():
     parser.add_argument("--delta-scale", type=float, default=0.1)
     parser.add_argument("--onnx", default=None, help="an exported graph of the same model")
     parser.add_argument("--split", type=int, default=0, help="runs of the backbone/head split")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating blocks of each runtime")
     args, device, rec = common.parse_args(parser, "export.jsonl", min_run_time=20.0)
     if device.type != "cpu":
         raise SystemExit("bench_export.py compares CPU runtimes: run it with --device cpu")
@@ -88,10 +92,16 @@ def main():
 
     fns = {"eager": eager, "onnxruntime": onnxruntime}
     rec.begin()
-    measured = common.measure(fns, args, device, memory=False)
+    # Alternating blocks: the machine's speed drifts over minutes, and a ratio of two blocks
+    # measured minutes apart would carry that drift.
+    block_args = argparse.Namespace(
+        **{**vars(args), "min_run_time": args.min_run_time / args.rounds}
+    )
+    rounds = [common.measure(fns, block_args, device, memory=False) for _ in range(args.rounds)]
     diff = _max_difference(outputs["eager"], outputs["onnxruntime"])
-    stats = {name: common.stats_ms(m) for name, (m, _) in measured.items()}
-    speedup = stats["eager"]["median_ms"] / stats["onnxruntime"]["median_ms"]
+    stats = {name: _stats_ms([t for r in rounds for t in r[name][0].times]) for name in fns}
+    per_round = [r["eager"][0].median / r["onnxruntime"][0].median for r in rounds]
+    speedup = statistics.median(per_round)
     rec.emit(
         "export_onnxruntime_vs_eager",
         **{
@@ -99,7 +109,9 @@ def main():
             "input": [3, args.height, args.width],
             "delta_scale": args.delta_scale,
             "min_run_time_s": args.min_run_time,
+            "rounds": args.rounds,
             **{f"{name}_{k}": v for name, s in stats.items() for k, v in s.items()},
+            "speedup_per_round": [round(r, 3) for r in per_round],
             "speedup_onnxruntime_vs_eager": round(speedup, 3),
             "detections": int(len(np.asarray(outputs["eager"][1]))),
             "max_score_diff": None if diff is None else diff[0],
@@ -116,6 +128,14 @@ def main():
         record.update(runs=args.split, **eager_split(model, image, args.split))
         record.update(onnxruntime_split(ort, path, feed, args.threads, args.split))
         rec.emit("export_time_split", **record)
+
+
+def _stats_ms(times) -> dict:
+    """Runs, min, median, max and interquartile range (ms) of the run times ``times`` (s)."""
+    ms = sorted(t * 1e3 for t in times)
+    q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], None, ms[0])
+    out = dict(min_ms=ms[0], median_ms=statistics.median(ms), max_ms=ms[-1], iqr_ms=q3 - q1)
+    return {"runs": len(ms), **{k: round(v, 3) for k, v in out.items()}}
 
 
 def make_session(ort, path: str, threads: int, profile_prefix: str = ""):
