@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
 
-from sparse_rcnn.checks import check_device, cpu_threads_per_process
+from sparse_rcnn.checks import check_amp_device, check_device, cpu_threads_per_process
 from sparse_rcnn.config import get_sparse_rcnn_cfg
 from sparse_rcnn.engine import (
     RobustTrainerMixin,
@@ -77,11 +77,14 @@ def setup(args):
     """Config from file and command line, Detectron2's default set-up (logging, seed, output dir)."""
     cfg = get_sparse_rcnn_cfg(args.config_file, args.opts)
     check_device(cfg)  # CUDA asked for but not available: an error that says how to use the CPU
-    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda") and not args.eval_only:
-        raise ValueError(
-            "SOLVER.AMP.ENABLED needs a CUDA device (Detectron2's AMPTrainer trains with CUDA "
-            f"autocast only), but MODEL.DEVICE is {cfg.MODEL.DEVICE!r}: set SOLVER.AMP.ENABLED False"
-        )
+    amp = cfg.SOLVER.AMP.ENABLED and not args.eval_only
+    check_amp_device(
+        cfg.MODEL.DEVICE,
+        amp,
+        amp_key="SOLVER.AMP.ENABLED",
+        device_key="MODEL.DEVICE",
+        fix="SOLVER.AMP.ENABLED False",
+    )
     cfg.freeze()
     default_setup(cfg, args)
     if cfg.MODEL.DEVICE == "cpu":

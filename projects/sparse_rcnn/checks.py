@@ -2,6 +2,7 @@
 about before the first iteration, each with a message that names the problem and the fix.
 
 - :func:`check_device`: a config that asks for CUDA on a machine without it.
+- :func:`check_amp_device`: AMP training asked for without CUDA.
 - :func:`check_learning_rate`: an LR on the Faster R-CNN scale instead of the paper's.
 - :func:`check_dataset_classes`: category ids or ``thing_classes`` that do not fit NUM_CLASSES.
 - :func:`count_invalid_annotations`: annotations the data mapper will drop, counted once.
@@ -57,17 +58,38 @@ def check_device(cfg, command: str = "train_net.py") -> None:
     Raises:
         RuntimeError: naming the device and how to run on the CPU.
     """
-    device = str(cfg.MODEL.DEVICE)
+    how = "--opts MODEL.DEVICE cpu" if command == "demo.py" else "MODEL.DEVICE cpu"
+    check_cuda_available(
+        str(cfg.MODEL.DEVICE),
+        key="MODEL.DEVICE",
+        fix=f"add `{how}` to the {command} command line",
+        advice=f"This config trains {cfg.SOLVER.MAX_ITER} iterations of "
+        f"{cfg.SOLVER.IMS_PER_BATCH} images: on a CPU, configs/sparse_rcnn_quick_cpu.yaml (built-in "
+        "data, about 10 minutes) is the one to try.",
+    )
+
+
+def check_cuda_available(device: str, *, key: str, fix: str, advice: str) -> None:
+    """Raise a RuntimeError naming ``key`` = ``device``, ``fix`` and ``advice`` when ``device``
+    asks for CUDA and none is available (the yaml path's :func:`check_device`, and LazyConfig
+    training's ``train.device``)."""
     if not device.startswith("cuda") or torch.cuda.is_available():
         return
-    how = "--opts MODEL.DEVICE cpu" if command == "demo.py" else "MODEL.DEVICE cpu"
     raise RuntimeError(
-        f"MODEL.DEVICE is {device!r} but no CUDA device is available (torch "
-        f"{torch.__version__}, built with CUDA {torch.version.cuda}). To run on the CPU, add "
-        f"`{how}` to the {command} command line. This config trains "
-        f"{cfg.SOLVER.MAX_ITER} iterations of {cfg.SOLVER.IMS_PER_BATCH} images: on a CPU, "
-        "configs/sparse_rcnn_quick_cpu.yaml (built-in data, about 10 minutes) is the one to try."
+        f"{key} is {device!r} but no CUDA device is available (torch {torch.__version__}, built "
+        f"with CUDA {torch.version.cuda}). To run on the CPU, {fix}. {advice}"
     )
+
+
+def check_amp_device(device: str, amp_enabled: bool, *, amp_key: str, device_key: str, fix: str):
+    """Raise a ValueError when AMP training is asked for on a device other than CUDA: Detectron2's
+    AMPTrainer autocasts with CUDA only (and bf16 autocast on a CPU makes a training step of this
+    model slower, README "The main job"). ``fix``: the option that turns AMP off."""
+    if amp_enabled and not device.startswith("cuda"):
+        raise ValueError(
+            f"{amp_key} needs a CUDA device (Detectron2's AMPTrainer trains with CUDA autocast "
+            f"only), but {device_key} is {device!r}: set {fix}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ path: the config's ``train`` keys are those of Detectron2's ``configs/common/tra
 import logging
 from typing import Dict, List
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
@@ -22,6 +21,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from .builtin_datasets import prepare_builtin_dataset
+from .checks import check_amp_device, check_cuda_available
 from .engine import (
     NonFiniteSkippingTrainer,
     enable_cpu_distributed_training,
@@ -58,22 +58,22 @@ def setup_lazy(args):
     for key in ("model", "dataloader", "train"):
         if key not in cfg:
             raise KeyError(f"The LazyConfig {args.config_file} has no '{key}': see configs/*.py")
-    if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
-        # No silent switch to the CPU: a COCO config would start a 270k-iteration run there.
-        raise RuntimeError(
-            f"train.device is {cfg.train.device!r} but no CUDA device is available. To run on the "
-            "CPU, add `train.device=cpu` to the train_net.py command line; on a CPU, "
-            "configs/sparse_rcnn_quick_cpu.py (built-in data) is the one to try."
-        )
-    if (
-        cfg.train.amp.enabled
-        and not str(cfg.train.device).startswith("cuda")
-        and not args.eval_only
-    ):
-        raise ValueError(
-            "train.amp.enabled needs a CUDA device (Detectron2's AMPTrainer trains with CUDA "
-            f"autocast only), but train.device is {cfg.train.device!r}: set train.amp.enabled=False"
-        )
+    device = str(cfg.train.device)
+    # No silent switch to the CPU: a COCO config would start a 270k-iteration run there.
+    check_cuda_available(
+        device,
+        key="train.device",
+        fix="add `train.device=cpu` to the train_net.py command line",
+        advice="On a CPU, configs/sparse_rcnn_quick_cpu.py (built-in data) is the one to try.",
+    )
+    amp = cfg.train.amp.enabled and not args.eval_only
+    check_amp_device(
+        device,
+        amp,
+        amp_key="train.amp.enabled",
+        device_key="train.device",
+        fix="train.amp.enabled=False",
+    )
     default_setup(cfg, args)
     if cfg.train.device == "cpu":
         logger.info("train.device is cpu: running on the CPU.")
