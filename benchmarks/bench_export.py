@@ -99,7 +99,9 @@ def main():
     )
     rounds = [common.measure(fns, block_args, device, memory=False) for _ in range(args.rounds)]
     diff = _max_difference(outputs["eager"], outputs["onnxruntime"])
-    stats = {name: _stats_ms([t for r in rounds for t in r[name][0].times]) for name in fns}
+    stats = {
+        name: common.times_stats_ms([t for r in rounds for t in r[name][0].times]) for name in fns
+    }
     per_round = [r["eager"][0].median / r["onnxruntime"][0].median for r in rounds]
     speedup = statistics.median(per_round)
     rec.emit(
@@ -122,20 +124,12 @@ def main():
             "target_pass": speedup >= TARGET_SPEEDUP,
         },
     )
-    if args.split:  # the ONNX Runtime "other": padding, normalisation, layout reorders, top-k
+    if args.split:
         rec.begin()
         record = {"config": common.config_text(CONFIG, []), "input": [3, args.height, args.width]}
         record.update(runs=args.split, **eager_split(model, image, args.split))
         record.update(onnxruntime_split(ort, path, feed, args.threads, args.split))
         rec.emit("export_time_split", **record)
-
-
-def _stats_ms(times) -> dict:
-    """Runs, min, median, max and interquartile range (ms) of the run times ``times`` (s)."""
-    ms = sorted(t * 1e3 for t in times)
-    q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], None, ms[0])
-    out = dict(min_ms=ms[0], median_ms=statistics.median(ms), max_ms=ms[-1], iqr_ms=q3 - q1)
-    return {"runs": len(ms), **{k: round(v, 3) for k, v in out.items()}}
 
 
 def make_session(ort, path: str, threads: int, profile_prefix: str = ""):
@@ -162,7 +156,7 @@ def eager_split(model, image: torch.Tensor, runs: int) -> dict:
     timer.wrap(model.head, "head")
     per_run = []
     with torch.no_grad():
-        for run in range(runs + 1):
+        for _ in range(runs + 1):
             start = time.perf_counter()
             inference_func(model, image)
             parts = {"total": time.perf_counter() - start, **timer.take()}

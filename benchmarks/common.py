@@ -175,9 +175,19 @@ def timed_runs(m: Measurement) -> int:
 
 
 def stats_ms(m: Measurement) -> Dict[str, float]:
-    times = [t * 1e3 for t in m.times]
-    ms = dict(min_ms=min(times), median_ms=m.median * 1e3, max_ms=max(times), iqr_ms=m.iqr * 1e3)
-    return {"runs": timed_runs(m), **{k: round(v, 3) for k, v in ms.items()}}
+    return times_stats_ms(m.times, runs=timed_runs(m))
+
+
+def times_stats_ms(times: Sequence[float], runs: Optional[int] = None) -> Dict[str, float]:
+    """Runs, min, median, max and interquartile range (ms) of run times in seconds, with the
+    quantiles of ``torch.utils.benchmark.Measurement`` (``runs``: default ``len(times)``)."""
+    ms = torch.tensor([t * 1e3 for t in times], dtype=torch.float64)
+    q25, median, q75 = (float(ms.quantile(q)) for q in (0.25, 0.5, 0.75))
+    out = dict(min_ms=float(ms.min()), median_ms=median, max_ms=float(ms.max()), iqr_ms=q75 - q25)
+    return {
+        "runs": len(times) if runs is None else runs,
+        **{k: round(v, 3) for k, v in out.items()},
+    }
 
 
 class PartTimer:
