@@ -26,6 +26,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
+import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
@@ -109,10 +110,12 @@ def render(
     return instances, drawn
 
 
-def _true_positives(instances: Instances, record: Dict, iou_threshold: float) -> torch.Tensor:
+def _true_positives(
+    instances: Instances, gt_boxes: np.ndarray, gt_classes: List[int], iou_threshold: float
+) -> torch.Tensor:
     """(D,) bool: detection d (in descending score order) matches a not yet matched ground-truth
-    box of its class with IoU >= ``iou_threshold`` (greedy by score, as COCO matches)."""
-    gt_boxes, gt_classes = ground_truth(record)
+    box (``gt_boxes`` (G, 4) XYXY_ABS, ``gt_classes`` G ids) of its class with IoU >=
+    ``iou_threshold`` (greedy by score, as COCO matches)."""
     order = instances.scores.argsort(descending=True)
     hit = torch.zeros(len(order), dtype=torch.bool)
     if not gt_classes or not len(order):
@@ -150,9 +153,10 @@ def f1_optimal_threshold(
     """
     scores, hits, num_gt = [], [], 0
     for instances, record in zip(predictions, records):
-        num_gt += len(ground_truth(record)[1])
+        gt_boxes, gt_classes = ground_truth(record)
+        num_gt += len(gt_classes)
         scores.append(instances.scores.sort(descending=True).values)
-        hits.append(_true_positives(instances, record, iou_threshold))
+        hits.append(_true_positives(instances, gt_boxes, gt_classes, iou_threshold))
     scores, hits = torch.cat(scores), torch.cat(hits)
     if num_gt == 0 or not len(scores):
         return None
