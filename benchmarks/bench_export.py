@@ -27,9 +27,19 @@ backbone (the ``backbone`` module / the graph's nodes under ``/backbone``), the 
 profiler's node times with the head's five costliest operator types, in a second record
 (``export_time_split``).
 
+``--box-init`` (``image``, the config's) sets the random model's initial proposal boxes
+(``MODEL.SPARSE_RCNN.PROPOSAL_BOX_INIT``): whole-image boxes pool from P5 only, ``random`` ones
+(sides about half the image) mostly from P4-P5, ``grid`` ones (17x18 cells) from P2, as a trained model's
+small boxes do; ONNX Runtime's ``RoiAlign`` costs most on P2 (``bench_pooler.py --onnx-ops``). The
+first stage's RoIs per level are in the record.
+
+``--ab-gather`` times, instead, ONNX Runtime alone on two exports of the same model: as exported
+(P2/P3 pooled by gathering channels-last rows, P4/P5 by ``RoiAlign``) and with every level pooled
+by ``RoiAlign`` (record ``export_traced_gather_ab``).
+
 Usage:
     python benchmarks/bench_export.py [--threads 2] [--min-run-time 20] [--onnx out/r50_300.onnx]
-        [--split 5]
+        [--split 5] [--box-init image] [--ab-gather]
 """
 
 import argparse
@@ -57,6 +67,18 @@ def main():
     parser.add_argument("--onnx", default=None, help="an exported graph of the same model")
     parser.add_argument("--split", type=int, default=0, help="runs of the backbone/head split")
     parser.add_argument("--rounds", type=int, default=3, help="alternating blocks of each runtime")
+    parser.add_argument(
+        "--ab-gather",
+        action="store_true",
+        help="instead: ONNX Runtime on the graph as exported vs on a graph that pools every level "
+        "with RoiAlign (sparse_rcnn.poolers.TRACED_GATHER_MAX_STRIDE = 0)",
+    )
+    parser.add_argument(
+        "--box-init",
+        default="image",
+        choices=["image", "random", "grid"],
+        help="MODEL.SPARSE_RCNN.PROPOSAL_BOX_INIT: which pyramid levels the RoIs pool from",
+    )
     args, device, rec = common.parse_args(parser, "export.jsonl", min_run_time=20.0)
     if device.type != "cpu":
         raise SystemExit("bench_export.py compares CPU runtimes: run it with --device cpu")
@@ -66,7 +88,10 @@ def main():
     from sparse_rcnn.export import _max_difference, export_onnx, inference_func
 
     rec.env["onnxruntime"] = ort.__version__
-    cfg = common.make_cfg(CONFIG)
+    opts = (
+        [] if args.box_init == "image" else ["MODEL.SPARSE_RCNN.PROPOSAL_BOX_INIT", args.box_init]
+    )
+    cfg = common.make_cfg(CONFIG, opts)
     model = common.build_model(cfg, seed=0).eval()
     with torch.no_grad():
         for stage in model.head.head_series:
@@ -74,6 +99,8 @@ def main():
             stage.bboxes_delta.bias.mul_(args.delta_scale)
     image = common.make_batch(1, args.height, args.width, None, 80)[0]["image"]
 
+    if args.ab_gather:
+        return ab_gather(ort, model, image, args, device, rec, opts)
     path = args.onnx
     if path is None:
         path = os.path.join(tempfile.mkdtemp(prefix="bench_export_"), "model.onnx")
@@ -107,9 +134,10 @@ def main():
     rec.emit(
         "export_onnxruntime_vs_eager",
         **{
-            "config": common.config_text(CONFIG, []),
+            "config": common.config_text(CONFIG, opts),
             "input": [3, args.height, args.width],
             "delta_scale": args.delta_scale,
+            "stage1_rois_per_level": stage1_levels(model, args.height, args.width),
             "min_run_time_s": args.min_run_time,
             "rounds": args.rounds,
             **{f"{name}_{k}": v for name, s in stats.items() for k, v in s.items()},
@@ -126,10 +154,76 @@ def main():
     )
     if args.split:
         rec.begin()
-        record = {"config": common.config_text(CONFIG, []), "input": [3, args.height, args.width]}
+        record = {"config": common.config_text(CONFIG, opts), "input": [3, args.height, args.width]}
         record.update(runs=args.split, **eager_split(model, image, args.split))
         record.update(onnxruntime_split(ort, path, feed, args.threads, args.split))
         rec.emit("export_time_split", **record)
+
+
+def ab_gather(ort, model, image, args, device, rec, opts) -> None:
+    """``--ab-gather``: two exports of the same model, P2/P3 pooled by gathering (as exported) or
+    every level by ``RoiAlign``, timed in ONNX Runtime in alternating blocks (record
+    ``export_traced_gather_ab``: medians over all rounds, the per-round ratios and their median)."""
+    from sparse_rcnn import poolers
+    from sparse_rcnn.export import _max_difference, export_onnx
+
+    folder = tempfile.mkdtemp(prefix="bench_export_ab_")
+    sessions, outputs = {}, {}
+    default = poolers.TRACED_GATHER_MAX_STRIDE
+    for name, stride in (("gather", default), ("roialign", 0)):
+        poolers.TRACED_GATHER_MAX_STRIDE = stride
+        try:
+            export_onnx(model, image, os.path.join(folder, f"{name}.onnx"))
+        finally:
+            poolers.TRACED_GATHER_MAX_STRIDE = default
+        sessions[name] = make_session(ort, os.path.join(folder, f"{name}.onnx"), args.threads)
+    feed = {"image": image.numpy()}
+
+    def runner(name):
+        def fn():
+            outputs[name] = sessions[name].run(["boxes", "scores", "classes"], feed)
+
+        return fn
+
+    fns = {name: runner(name) for name in sessions}
+    rec.begin()
+    block_args = argparse.Namespace(
+        **{**vars(args), "min_run_time": args.min_run_time / args.rounds}
+    )
+    rounds = [common.measure(fns, block_args, device, memory=False) for _ in range(args.rounds)]
+    diff = _max_difference(outputs["roialign"], outputs["gather"])
+    per_round = [r["roialign"][0].median / r["gather"][0].median for r in rounds]
+    stats = {
+        name: common.times_stats_ms([t for r in rounds for t in r[name][0].times]) for name in fns
+    }
+    rec.emit(
+        "export_traced_gather_ab",
+        config=common.config_text(CONFIG, opts),
+        input=[3, args.height, args.width],
+        stage1_rois_per_level=stage1_levels(model, args.height, args.width),
+        traced_gather_max_stride=default,
+        rounds=args.rounds,
+        **{f"{name}_{k}": v for name, st in stats.items() for k, v in st.items()},
+        speedup_per_round=[round(r, 3) for r in per_round],
+        speedup_gather_vs_roialign=round(statistics.median(per_round), 3),
+        max_score_diff=None if diff is None else diff[0],
+        max_box_diff_px=None if diff is None else diff[1],
+    )
+
+
+def stage1_levels(model, height: int, width: int) -> dict:
+    """How many of the first stage's RoIs (the initial proposal boxes on a ``height`` x ``width``
+    image) each pyramid level pools, by Detectron2's level assignment (canonical 224 px at P4).
+    Sparse R-CNN's boxes move little from stage to stage in this random model (scaled deltas)."""
+    from detectron2.modeling.poolers import assign_boxes_to_levels
+    from detectron2.structures import Boxes
+
+    from sparse_rcnn.proposals import scale_proposal_boxes
+
+    whwh = torch.tensor([[width, height, width, height]], dtype=torch.float32)
+    boxes = scale_proposal_boxes(model.proposal_generator.init_proposal_boxes.weight, whwh)[0]
+    levels = assign_boxes_to_levels([Boxes(boxes.detach())], 2, 5, 224, 4)
+    return {f"p{k + 2}": int((levels == k).sum()) for k in range(4)}
 
 
 def make_session(ort, path: str, threads: int, profile_prefix: str = ""):

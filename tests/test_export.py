@@ -11,6 +11,7 @@ PyTorch's MHA fast path against its slow path) grow to pixels after a few stages
 keeps its boxes on the image; the scaled deltas do the same for a random one.
 """
 
+import collections
 import json
 import os
 import subprocess
@@ -284,6 +285,110 @@ def test_unsupported_option_fails_at_export_time_naming_it(tmp_path, opts, key):
     assert not os.listdir(tmp_path)
 
 
+LAZY_QUICK = CONFIG_DIR / "sparse_rcnn_quick_cpu.py"
+
+
+def test_lazy_config_exports_its_weights_and_settings(tmp_path, capsys):
+    from detectron2.config import LazyConfig, instantiate
+
+    overrides = ["model.head.num_stages=1"]
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(str(LAZY_QUICK)), overrides)
+    torch.manual_seed(3)
+    model = well_conditioned(instantiate(cfg.model)).eval()
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("lazy")  # tmp_path/lazy.pth
+    sample = _write_sample_image(tmp_path / "sample.png")
+    args = ["--config-file", str(LAZY_QUICK), "--sample-image", sample]
+    args += ["--output", str(tmp_path / "out")]
+    path = sparse_export.main(args + overrides + [f"train.init_checkpoint={tmp_path}/lazy.pth"])
+    printed = capsys.readouterr().out
+    assert f"Wrote {path}" in printed and "checked at the size" in printed
+    assert "sparse_rcnn.demo" not in printed  # the demo reads yaml configs only
+
+    session = onnxruntime.InferenceSession(path)
+    # The settings of the yaml twin (the same test resize, input format, threshold, classes).
+    twin = sparse_export.export_settings(make_cfg(CONFIG_DIR / "sparse_rcnn_quick_cpu.yaml", []))
+    meta = session.get_modelmeta().custom_metadata_map
+    assert {k: meta[k] for k in twin} == twin
+    # The checkpoint's weights, not a fresh random init: equal to the saved model, at a size other
+    # than the export size.
+    image = random_image(112, 176, seed=5)
+    expected = eager(model, image)
+    assert len(expected[1]) > 0
+    assert_same_detections(expected, session.run(None, {INPUT_NAME: image.numpy()}), 1e-4, 1e-3)
+
+
+@pytest.mark.parametrize(
+    "opts, key",
+    [
+        (["model.output_all_stages=True"], "model.output_all_stages"),
+        (
+            ["model.head.box_pooler.pooler_type=ROIAlignRotated"],
+            "model.head.box_pooler.pooler_type",
+        ),
+        (
+            ["dataloader.test.mapper.augmentations.0.short_edge_length=[112,128]"],
+            "dataloader.test.mapper.augmentations",
+        ),
+    ],
+)
+def test_unsupported_lazy_option_fails_at_export_time_naming_it(tmp_path, opts, key):
+    args = ["--config-file", str(LAZY_QUICK), "--output", str(tmp_path)] + opts
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        sparse_export.main(args)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "config, backbone",
+    [
+        ("sparse_rcnn_swin_T_FPN_300pro_crop_3x.py", "SwinTransformer at bottom_up"),
+        ("sparse_rcnn_vitdet_B_300pro_crop_3x.py", "ViT at net"),
+    ],
+)
+def test_transformer_backbones_are_refused_before_loading_weights(tmp_path, config, backbone):
+    # The ViTDet config's init_checkpoint is a detectron2:// URL: refused before it is read.
+    args = ["--config-file", str(CONFIG_DIR / config), "--output", str(tmp_path)]
+    with pytest.raises(ValueError, match=rf"model\.backbone \({backbone}\).*export size"):
+        sparse_export.main(args)
+    assert not os.listdir(tmp_path)
+
+
+def test_max_difference_lets_tied_scores_come_in_either_order():
+    boxes = torch.tensor([[0, 0, 10, 10], [5, 5, 50, 50], [20, 0, 90, 40], [1, 1, 2, 2.0]])
+    scores = torch.tensor([0.9, 0.5 + 2e-7, 0.5, 0.1])
+    classes = torch.tensor([1, 2, 2, 3])
+    expected = (boxes, scores, classes)
+    # Runtime 2 orders the two tied class-2 detections the other way, with rounding differences.
+    swap = [0, 2, 1, 3]
+    actual = (boxes[swap] + 1e-4, scores[swap] + torch.tensor([0, -2e-7, 2e-7, 0]), classes[swap])
+    score_diff, box_diff = sparse_export._max_difference(expected, actual)
+    assert score_diff < 1e-6 and box_diff == pytest.approx(1e-4, abs=1e-6)
+    # Ranks 1 and 2 are not tied: swapped, their boxes differ by the whole box.
+    swap = [1, 0, 2, 3]
+    actual = (boxes[swap], scores[swap], classes[swap])
+    assert sparse_export._max_difference(expected, actual) is None  # classes differ by rank
+    actual = (boxes[swap], scores[swap], classes)
+    assert sparse_export._max_difference(expected, actual)[1] == 40.0
+    # A tie does not excuse another class.
+    assert (
+        sparse_export._max_difference(expected, (boxes, scores, torch.tensor([1, 2, 3, 3]))) is None
+    )
+
+
+def test_verify_names_a_size_frozen_into_the_graph(tiny):
+    """A graph that fails at another size (as a traced Swin does, in ONNX Runtime's Reshape)
+    gives an error that says what happened, not only the runtime's node message."""
+    size = tuple(tiny.export_image.shape[1:])
+
+    def run_exported(x):
+        if tuple(x.shape[1:]) != size:
+            raise RuntimeError("Non-zero status code returned while running Reshape node")
+        return tiny.run_onnx(x)
+
+    with pytest.raises(RuntimeError, match=r"fails at the size .*Reshape.*frozen into it"):
+        sparse_export.verify(tiny.model, run_exported, tiny.export_image)
+
+
 def test_scripting_is_refused_with_a_message(tmp_path):
     args = ["--config-file", str(TINY_CONFIG), "--output", str(tmp_path)]
     with pytest.raises(SystemExit, match="use tracing"):
@@ -298,33 +403,60 @@ def test_torchscript_file_carries_the_settings(exported):
 
 # Detectron2's and torchvision's asserts on traced sizes; the trace is checked at other boxes.
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_traced_fast_pooler_equals_detectron2_pooler_exactly():
+@pytest.mark.parametrize("pooler_type", ["ROIAlignV2", "ROIAlign"])
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "list"])
+def test_traced_fast_pooler_equals_detectron2_pooler(pooler_type, prepared):
     """While tracing, FastROIPooler pools each level and gathers the RoIs back into input order
-    (no index_put_): the same values, bit for bit, as ROIPooler, for RoIs of every level."""
-    from detectron2.modeling.poolers import ROIPooler
+    (no index_put_): P4 and P5 with RoIAlign, bit for bit as ROIPooler; P2 and P3 by gathering
+    channels-last rows, the same within float rounding. The trace is run again on maps of another
+    size and other boxes (nothing frozen), for two images, with boxes that leave the map."""
+    from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels
     from detectron2.structures import Boxes
 
     from sparse_rcnn.poolers import FastROIPooler
 
     args = dict(output_size=7, scales=(1 / 4, 1 / 8, 1 / 16, 1 / 32), sampling_ratio=2)
+    reference_pooler = ROIPooler(pooler_type=pooler_type, **args)
+    fast = FastROIPooler(pooler_type=pooler_type, **args)
     g = torch.Generator().manual_seed(0)
-    features = [torch.randn(2, 8, 256 // s, 320 // s, generator=g) for s in (4, 8, 16, 32)]
-    # Sizes from 8 to 512 px: canonical level 4 at 224 px spreads them over all four levels.
-    sizes = torch.tensor([8.0, 30, 60, 120, 250, 500, 16, 100, 224, 448])
-    xy = torch.rand(10, 2, generator=g) * 100
-    boxes = torch.cat([xy, xy + sizes[:, None]], dim=1)
-    box_lists = [Boxes(boxes[:6]), Boxes(boxes[6:])]
-    reference = ROIPooler(pooler_type="ROIAlignV2", **args)(features, box_lists)
-    fast = FastROIPooler(pooler_type="ROIAlignV2", **args)
 
-    def pool(b0, b1, *maps):
-        return fast(list(maps), [Boxes(b0), Boxes(b1)])
+    def maps(h, w):
+        return [torch.randn(2, 8, h // s, w // s, generator=g) for s in (4, 8, 16, 32)]
 
-    traced = torch.jit.trace(pool, (boxes[:6], boxes[6:], *features), check_trace=False)
-    assert torch.equal(traced(boxes[:6], boxes[6:], *features), reference)
-    # Other boxes (another level mix) through the same trace.
-    boxes2 = boxes.flip(0)
-    reference2 = ROIPooler(pooler_type="ROIAlignV2", **args)(
-        features, [Boxes(boxes2[:6]), Boxes(boxes2[6:])]
-    )
-    assert torch.equal(traced(boxes2[:6], boxes2[6:], *features), reference2)
+    def random_boxes():
+        # Sizes from 8 to 512 px: canonical level 4 at 224 px spreads them over all four levels;
+        # corners from -40 px: some boxes leave the map (samples beyond -1 count 0).
+        sizes = torch.tensor([8.0, 30, 60, 120, 250, 500, 16, 100, 224, 448, 3, 40])
+        xy = torch.rand(12, 2, generator=g) * 200 - 40
+        return torch.cat([xy, xy + sizes[:, None]], dim=1)
+
+    def pool(b0, b1, *features):
+        x = fast.prepare(list(features)) if prepared else list(features)
+        return fast(x, [Boxes(b0), Boxes(b1)])
+
+    features, boxes = maps(256, 320), random_boxes()
+    traced = torch.jit.trace(pool, (boxes[:7], boxes[7:], *features), check_trace=False)
+    for features, boxes in ((features, boxes), (maps(192, 416), random_boxes().flip(0))):
+        box_lists = [Boxes(boxes[:7]), Boxes(boxes[7:])]
+        reference = reference_pooler(features, box_lists)
+        actual = traced(boxes[:7], boxes[7:], *features)
+        levels = assign_boxes_to_levels(box_lists, 2, 5, 224, 4)
+        assert set(levels.tolist()) == {0, 1, 2, 3}
+        small = levels <= 1  # P2, P3: gathered
+        assert torch.equal(actual[~small], reference[~small])
+        torch.testing.assert_close(actual[small], reference[small], atol=1e-5, rtol=0)
+        nonzero = reference[small].abs().amax((1, 2, 3)) > 0.1  # not only zeros compared
+        assert nonzero.sum() >= len(nonzero) / 2
+
+
+def test_exported_graph_pools_small_levels_by_gathering(tiny):
+    """The tiny model pools P4/P5 with ONNX RoiAlign and P2/P3 with Gather + MatMul, once per
+    stage each; the channels-last layout of P2/P3 happens once for all stages."""
+    import onnx
+
+    graph = onnx.load(tiny.onnx_path).graph
+    pooler_nodes = [n for n in graph.node if "/box_pooler" in n.name or "pooler" in n.name]
+    op_types = collections.Counter(n.op_type for n in graph.node)
+    stages = len(tiny.model.head.head_series)
+    assert op_types["RoiAlign"] == 2 * stages
+    assert sum(n.op_type == "MatMul" and "pooler" in n.name for n in pooler_nodes) == 2 * stages

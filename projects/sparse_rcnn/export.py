@@ -2,6 +2,12 @@
 
     python -m sparse_rcnn.export --config-file configs/sparse_rcnn_quick_cpu.yaml --format onnx \\
         --output out/ MODEL.WEIGHTS output/quick_cpu/model_final.pth
+    python -m sparse_rcnn.export --config-file configs/sparse_rcnn_quick_cpu.py --format onnx \\
+        --output out/ train.init_checkpoint=output/quick_cpu_lazy/model_final.pth
+
+A yaml config takes ``KEY VALUE`` options, a LazyConfig (``.py``) ``key=value`` overrides and its
+weights from ``train.init_checkpoint`` (as ``train_net.py --eval-only``); Detectron2's Swin, ViT
+and MViT backbones are refused (:func:`check_backbone_exportable`).
 
 The conventions of Detectron2's ``tools/deploy/export_model.py``: the model is traced through
 ``detectron2.export.TracingAdapter`` with an inference function that stops before
@@ -33,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.export import TracingAdapter
@@ -41,17 +47,21 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from .config import add_sparse_rcnn_config
+from .lazy_engine import is_lazy_config
 from .onnx_predictor import INPUT_NAME, OUTPUT_NAMES
 
 __all__ = [
+    "check_backbone_exportable",
     "check_exportable",
     "export_onnx",
     "export_torchscript",
     "export_settings",
+    "export",
     "exporting",
     "inference_func",
     "main",
     "sample_input",
+    "setup_model",
 ]
 
 # Named, not __name__: run as `python -m sparse_rcnn.export` the module is "__main__".
@@ -75,58 +85,119 @@ def inference_func(model: nn.Module, image: torch.Tensor) -> Tuple[torch.Tensor,
     return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
 
 
-def check_exportable(cfg: CfgNode) -> None:
-    """Raise a ValueError naming the first config option the exported graph does not support."""
-    unsupported = [
-        (
-            "TEST.AUG.ENABLED",
-            cfg.TEST.AUG.ENABLED,
-            "the graph runs one image at one scale; test-time augmentation runs several "
-            "forward passes and merges them outside the model",
-        ),
-        (
-            "MODEL.SPARSE_RCNN.EVAL_PER_STAGE",
-            cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE,
-            "the graph returns the last stage's detections only",
-        ),
-        (
-            "MODEL.MASK_ON",
-            cfg.MODEL.MASK_ON,
-            "Sparse R-CNN has no mask head",
-        ),
-        (
-            "MODEL.KEYPOINT_ON",
-            cfg.MODEL.KEYPOINT_ON,
-            "Sparse R-CNN has no keypoint head",
-        ),
-    ]
+def check_exportable(cfg) -> None:
+    """Raise a ValueError naming the first config option the exported graph does not support.
+
+    Args:
+        cfg: a yaml config (``CfgNode``) or a LazyConfig (its ``model``, ``dataloader.test``).
+    """
+    if isinstance(cfg, CfgNode):
+        pooler_key = "MODEL.ROI_BOX_HEAD.POOLER_TYPE"
+        pooler_type = cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE
+        unsupported = [
+            ("TEST.AUG.ENABLED", cfg.TEST.AUG.ENABLED, _TTA_REASON),
+            ("MODEL.SPARSE_RCNN.EVAL_PER_STAGE", cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE, _STAGES),
+            ("MODEL.MASK_ON", cfg.MODEL.MASK_ON, "Sparse R-CNN has no mask head"),
+            ("MODEL.KEYPOINT_ON", cfg.MODEL.KEYPOINT_ON, "Sparse R-CNN has no keypoint head"),
+        ]
+    else:
+        pooler_key = "model.head.box_pooler.pooler_type"
+        pooler_type = cfg.model.head.box_pooler.get("pooler_type", "ROIAlignV2")
+        unsupported = [
+            ("model.output_all_stages", cfg.model.get("output_all_stages", False), _STAGES),
+        ]
     for key, value, reason in unsupported:
         if value:
             raise ValueError(f"Cannot export with {key}={value}: {reason}. Set {key} False.")
-    pooler_type = cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE
     if pooler_type not in ("ROIAlign", "ROIAlignV2"):
         raise ValueError(
-            f"Cannot export with MODEL.ROI_BOX_HEAD.POOLER_TYPE={pooler_type!r}: the exported "
-            "graph supports ROIAlignV2 and ROIAlign (ONNX RoiAlign)."
+            f"Cannot export with {pooler_key}={pooler_type!r}: the exported graph supports "
+            "ROIAlignV2 and ROIAlign (ONNX RoiAlign)."
         )
 
 
-def export_settings(cfg: CfgNode) -> Dict[str, str]:
+_TTA_REASON = (
+    "the graph runs one image at one scale; test-time augmentation runs several forward passes "
+    "and merges them outside the model"
+)
+_STAGES = "the graph returns the last stage's detections only"
+
+
+def check_backbone_exportable(backbone: nn.Module, key: str) -> None:
+    """Raise a ValueError if ``backbone`` contains one of Detectron2's transformer backbones.
+
+    Swin, ViT and MViT compute their padding, window partitions, attention masks and position
+    embedding sizes with Python and numpy arithmetic on the input size, which tracing freezes: the
+    graph would run only at the export size, while it takes any height and width (found by
+    exporting ``configs/sparse_rcnn_swin_T_FPN_300pro_crop_3x.py`` and
+    ``configs/sparse_rcnn_vitdet_B_300pro_crop_3x.py``: ONNX Runtime fails at a second size).
+
+    Args:
+        backbone: the model's backbone.
+        key: the config option that chose it, for the message.
+    """
+    from detectron2.modeling.backbone import MViT, SwinTransformer, ViT
+
+    for name, module in backbone.named_modules():
+        if isinstance(module, (SwinTransformer, ViT, MViT)):
+            where = f"{key} ({type(module).__name__}{' at ' + name if name else ''})"
+            raise ValueError(
+                f"Cannot export this model's backbone, {where}: it computes its padding, windows "
+                "and position-embedding sizes in Python from the input size, which tracing "
+                "freezes, so the graph would run only at the export size. The export supports "
+                "the ResNet-FPN configs (every yaml config in configs/ and their .py twins)."
+            )
+
+
+def export_settings(cfg) -> Dict[str, str]:
     """Preprocessing settings stored with the exported file (ONNX metadata, TorchScript extra
-    file), so that a predictor needs no config: see ``onnx_predictor.METADATA_KEYS``."""
+    file), so that a predictor needs no config: see ``onnx_predictor.METADATA_KEYS``.
+
+    Args:
+        cfg: a yaml config (``CfgNode``) or a LazyConfig, whose ``dataloader.test.mapper`` must
+            resize with one ``ResizeShortestEdge`` (as ``DefaultPredictor`` does) and nothing
+            else.
+    """
+    if isinstance(cfg, CfgNode):
+        input_format, min_size, max_size = (
+            cfg.INPUT.FORMAT,
+            cfg.INPUT.MIN_SIZE_TEST,
+            cfg.INPUT.MAX_SIZE_TEST,
+        )
+        score_thresh = cfg.MODEL.SPARSE_RCNN.SCORE_THRESH_TEST
+        nms_thresh = (
+            cfg.MODEL.SPARSE_RCNN.NMS_THRESH_TEST if cfg.MODEL.SPARSE_RCNN.NMS_ENABLED else None
+        )
+        num_classes = cfg.MODEL.SPARSE_RCNN.NUM_CLASSES
+    else:
+        input_format, (min_size, max_size) = cfg.dataloader.test.mapper.image_format, _lazy_resize(
+            cfg
+        )
+        score_thresh = cfg.model.get("score_thresh_test", 0.0)
+        nms_thresh = cfg.model.get("nms_thresh_test", None)
+        num_classes = cfg.model.num_classes
     return {
-        "input_format": cfg.INPUT.FORMAT,
-        "min_size_test": str(cfg.INPUT.MIN_SIZE_TEST),
-        "max_size_test": str(cfg.INPUT.MAX_SIZE_TEST),
-        "score_thresh_test": repr(float(cfg.MODEL.SPARSE_RCNN.SCORE_THRESH_TEST)),
-        "nms_thresh_test": (
-            repr(float(cfg.MODEL.SPARSE_RCNN.NMS_THRESH_TEST))
-            if cfg.MODEL.SPARSE_RCNN.NMS_ENABLED
-            else "none"
-        ),
-        "num_classes": str(cfg.MODEL.SPARSE_RCNN.NUM_CLASSES),
+        "input_format": input_format,
+        "min_size_test": str(min_size),
+        "max_size_test": str(max_size),
+        "score_thresh_test": repr(float(score_thresh)),
+        "nms_thresh_test": "none" if nms_thresh is None else repr(float(nms_thresh)),
+        "num_classes": str(num_classes),
         "opset": str(ONNX_OPSET),
     }
+
+
+def _lazy_resize(cfg) -> Tuple[int, int]:
+    """(short side, max size) of a LazyConfig's test resize, which the predictor reproduces."""
+    augmentations = instantiate(cfg.dataloader.test.mapper.augmentations)
+    resize = augmentations[0] if len(augmentations) == 1 else None
+    if not isinstance(resize, T.ResizeShortestEdge) or len(set(resize.short_edge_length)) != 1:
+        raise ValueError(
+            "Cannot export with dataloader.test.mapper.augmentations="
+            f"{augmentations}: the exported file records one test resize, a single "
+            "ResizeShortestEdge(short_edge_length=S, max_size=M) as in configs/common/data/coco.py."
+        )
+    return int(resize.short_edge_length[0]), int(resize.max_size)
 
 
 @contextlib.contextmanager
@@ -218,6 +289,33 @@ def setup_cfg(config_file: str, opts: List[str]) -> CfgNode:
     return cfg
 
 
+def setup_model(config_file: str, opts: List[str]) -> Tuple[nn.Module, Dict[str, str]]:
+    """The model of a config with its weights, in eval mode, and its :func:`export_settings`.
+
+    A yaml config takes ``KEY VALUE`` options and loads ``MODEL.WEIGHTS``; a LazyConfig (``.py``)
+    takes ``key=value`` overrides and loads ``train.init_checkpoint``, on the CPU, as
+    ``train_net.py --eval-only`` does. Unsupported options fail (a ValueError naming them) before
+    any weights are read.
+    """
+    if is_lazy_config(config_file):
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
+        check_exportable(cfg)
+        settings = export_settings(cfg)
+        model, backbone_key, weights = (
+            instantiate(cfg.model),
+            "model.backbone",
+            cfg.train.init_checkpoint,
+        )
+    else:
+        cfg = setup_cfg(config_file, opts)
+        check_exportable(cfg)
+        settings = export_settings(cfg)
+        model, backbone_key, weights = build_model(cfg), "MODEL.BACKBONE.NAME", cfg.MODEL.WEIGHTS
+    check_backbone_exportable(model.backbone, backbone_key)
+    DetectionCheckpointer(model).load(weights)
+    return model.eval(), settings
+
+
 def default_sample_image() -> str:
     """The first image of the built-in validation set (generated on first use)."""
     from detectron2.data import DatasetCatalog
@@ -228,37 +326,73 @@ def default_sample_image() -> str:
     return DatasetCatalog.get("synthetic_shapes_val")[0]["file_name"]
 
 
-def sample_input(cfg: CfgNode, bgr_image: np.ndarray) -> torch.Tensor:
+def sample_input(settings: Dict[str, str], bgr_image: np.ndarray) -> torch.Tensor:
     """A BGR (H, W, 3) image as the graph takes it: resized as ``DefaultPredictor`` resizes it,
-    in INPUT.FORMAT, (C, H, W) float32."""
-    if cfg.INPUT.FORMAT == "RGB":
+    in the input format of ``settings`` (:func:`export_settings`), (C, H, W) float32."""
+    if settings["input_format"] == "RGB":
         bgr_image = bgr_image[:, :, ::-1]
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    min_size, max_size = int(settings["min_size_test"]), int(settings["max_size_test"])
+    aug = T.ResizeShortestEdge([min_size, min_size], max_size)
     image = aug.get_transform(bgr_image).apply_image(bgr_image)
     return torch.as_tensor(np.ascontiguousarray(image.astype("float32").transpose(2, 0, 1)))
 
 
-def _max_difference(expected, actual) -> Optional[Tuple[float, float]]:
-    """Max |difference| of (scores, boxes), or None if the detections differ in number/class."""
-    boxes, scores, classes = (torch.as_tensor(t).detach() for t in expected)
-    boxes2, scores2, classes2 = (torch.as_tensor(t).detach() for t in actual)
-    if len(scores) != len(scores2) or not torch.equal(classes, classes2):
+def _max_difference(expected, actual, tie: float = 1e-5) -> Optional[Tuple[float, float]]:
+    """Max |difference| of (scores, boxes) of two runs' detections, or None if they differ in
+    number or classes.
+
+    Detections whose scores (in ``expected``) lie within ``tie`` of their neighbours' may come in
+    either order: the top-k of two runtimes orders scores that differ by rounding (1e-7) either
+    way (seen with a random R-101 model: two class-62 boxes at 0.0654013 and 0.0654011 swapped).
+    Within such a run, each detection is compared with the closest remaining one of its class.
+    """
+    boxes, scores, classes = (torch.as_tensor(np.asarray(t)) for t in expected)
+    boxes2, scores2, classes2 = (torch.as_tensor(np.asarray(t)) for t in actual)
+    if len(scores) != len(scores2):
         return None
     if len(scores) == 0:
         return 0.0, 0.0
+    order = list(range(len(scores)))
+    start = 0
+    for end in range(1, len(scores) + 1):
+        if end < len(scores) and abs(float(scores[end - 1] - scores[end])) <= tie:
+            continue
+        remaining = list(range(start, end))
+        for k in range(start, end):
+            same_class = [j for j in remaining if classes2[j] == classes[k]]
+            if not same_class:
+                return None
+            order[k] = min(same_class, key=lambda j: float((boxes2[j] - boxes[k]).abs().max()))
+            remaining.remove(order[k])
+        start = end
+    boxes2, scores2, classes2 = boxes2[order], scores2[order], classes2[order]
     return (scores - scores2).abs().max().item(), (boxes - boxes2).abs().max().item()
 
 
-def verify(model: nn.Module, run_exported, image: torch.Tensor) -> None:
+def verify(model: nn.Module, run_exported, image: torch.Tensor) -> Dict[str, Tuple[float, float]]:
     """Compare the exported graph with eager inference on ``image`` and on a copy with another
-    size (catches sizes frozen into the graph); raise if the detections differ."""
+    size (catches sizes frozen into the graph); raise if the detections differ.
+
+    Returns:
+        {"export size" / "size (H, W)": (max |score difference|, max |box difference| px)}.
+    """
     other = torch.nn.functional.interpolate(
         image[None], scale_factor=(0.75, 1.25), mode="bilinear", align_corners=False
     )[0]
+    checked = {}
     for name, x in (("export size", image), (f"size {tuple(other.shape[1:])}", other)):
         with torch.no_grad():
             expected = inference_func(model, x)
-        diff = _max_difference(expected, run_exported(x))
+        try:
+            actual = run_exported(x)
+        except Exception as e:  # ONNX Runtime's and TorchScript's errors name a node deep inside
+            raise RuntimeError(
+                f"The exported graph fails at the {name} ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:300]}): a size of the export image was frozen "
+                "into it (Python or numpy arithmetic on a shape inside the model). Make that code "
+                "tensor code (detectron2.layers.shapes_to_tensor) or export a model without it."
+            ) from e
+        diff = _max_difference(expected, actual)
         # A sanity check against sizes frozen into the graph (which move boxes by pixels or
         # change the number of detections), not the parity test (tests/test_export.py): loose
         # enough for a randomly initialised model, whose boxes amplify rounding differences.
@@ -269,6 +403,8 @@ def verify(model: nn.Module, run_exported, image: torch.Tensor) -> None:
                 f"difference (scores, boxes) {diff} (None: different detections)."
             )
         print(f"checked at the {name}: max |score diff| {diff[0]:.2e}, |box diff| {diff[1]:.2e} px")
+        checked[name] = diff
+    return checked
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -292,27 +428,33 @@ def get_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not compare the exported graph with eager inference after exporting",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        help="config options: KEY VALUE pairs for a yaml config, key=value for a .py LazyConfig",
+    )
     return parser
 
 
-def main(argv=None) -> str:
-    args = get_parser().parse_args(argv)
-    if args.export_method != "tracing":
-        raise SystemExit(
-            "--export-method scripting is not supported: the model passes Python lists of "
-            "Boxes/Instances between modules, which TorchScript cannot compile; use tracing."
-        )
-    cfg = setup_cfg(args.config_file, args.opts)
-    check_exportable(cfg)
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
-    image = sample_input(cfg, read_image(args.sample_image or default_sample_image(), "BGR"))
-    os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, FORMATS[args.format])
-    settings = export_settings(cfg)
-    if args.format == "torchscript":
+def export(
+    config_file: str,
+    opts: List[str],
+    output: str,
+    fmt: str = "onnx",
+    sample_image: Optional[str] = None,
+    check: bool = True,
+) -> Tuple[str, Dict[str, Tuple[float, float]], str]:
+    """What ``python -m sparse_rcnn.export`` does (its arguments, see :func:`get_parser`).
+
+    Returns:
+        the file written, :func:`verify`'s differences (empty with ``check=False``) and how to run
+        the file.
+    """
+    model, settings = setup_model(config_file, opts)
+    image = sample_input(settings, read_image(sample_image or default_sample_image(), "BGR"))
+    os.makedirs(output, exist_ok=True)
+    path = os.path.join(output, FORMATS[fmt])
+    if fmt == "torchscript":
         traced = export_torchscript(model, image, path, settings)
 
         def run_exported(x):
@@ -323,7 +465,7 @@ def main(argv=None) -> str:
             "import torch, torchvision\n"
             f"    model = torch.jit.load({path!r})\n"
             "    boxes, scores, classes = model(image)  # (C, H, W) float32, "
-            f"{cfg.INPUT.FORMAT}, resized"
+            f"{settings['input_format']}, resized"
         )
     else:
         export_onnx(model, image, path, settings)
@@ -334,13 +476,33 @@ def main(argv=None) -> str:
             list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()}
         )
         how = (
-            f"python -m sparse_rcnn.demo --onnx {path} --config-file {args.config_file} "
-            "--input IMAGES --output vis/\n"
-            "    or in Python: from sparse_rcnn.onnx_predictor import ONNXRuntimePredictor;\n"
+            "from sparse_rcnn.onnx_predictor import ONNXRuntimePredictor\n"
             f"    outputs = ONNXRuntimePredictor({path!r})(bgr_image)"
         )
-    if not args.skip_verify:
-        verify(model, run_exported, image)
+        if not is_lazy_config(config_file):  # the demo reads yaml configs
+            how = (
+                f"python -m sparse_rcnn.demo --onnx {path} --config-file {config_file} "
+                f"--input IMAGES --output vis/\n    or in Python: {how}"
+            )
+    checked = verify(model, run_exported, image) if check else {}
+    return path, checked, how
+
+
+def main(argv=None) -> str:
+    args = get_parser().parse_args(argv)
+    if args.export_method != "tracing":
+        raise SystemExit(
+            "--export-method scripting is not supported: the model passes Python lists of "
+            "Boxes/Instances between modules, which TorchScript cannot compile; use tracing."
+        )
+    path, _, how = export(
+        args.config_file,
+        args.opts,
+        args.output,
+        args.format,
+        args.sample_image,
+        check=not args.skip_verify,
+    )
     print(f"Wrote {path}\nRun it with:\n    {how}")
     return path
 
