@@ -33,13 +33,9 @@ profiler's node times with the head's five costliest operator types, in a second
 small boxes do; ONNX Runtime's ``RoiAlign`` costs most on P2 (``bench_pooler.py --onnx-ops``). The
 first stage's RoIs per level are in the record.
 
-``--ab-gather`` times, instead, ONNX Runtime alone on two exports of the same model: as exported
-(P2/P3 pooled by gathering channels-last rows, P4/P5 by ``RoiAlign``) and with every level pooled
-by ``RoiAlign`` (record ``export_traced_gather_ab``).
-
 Usage:
     python benchmarks/bench_export.py [--threads 2] [--min-run-time 20] [--onnx out/r50_300.onnx]
-        [--split 5] [--box-init image] [--ab-gather]
+        [--split 5] [--box-init image]
 """
 
 import argparse
@@ -68,12 +64,6 @@ def main():
     parser.add_argument("--split", type=int, default=0, help="runs of the backbone/head split")
     parser.add_argument("--rounds", type=int, default=3, help="alternating blocks of each runtime")
     parser.add_argument(
-        "--ab-gather",
-        action="store_true",
-        help="instead: ONNX Runtime on the graph as exported vs on a graph that pools every level "
-        "with RoiAlign (sparse_rcnn.poolers.TRACED_GATHER_MAX_STRIDE = 0)",
-    )
-    parser.add_argument(
         "--box-init",
         default="image",
         choices=["image", "random", "grid"],
@@ -99,8 +89,6 @@ def main():
             stage.bboxes_delta.bias.mul_(args.delta_scale)
     image = common.make_batch(1, args.height, args.width, None, 80)[0]["image"]
 
-    if args.ab_gather:
-        return ab_gather(ort, model, image, args, device, rec, opts)
     path = args.onnx
     if path is None:
         path = os.path.join(tempfile.mkdtemp(prefix="bench_export_"), "model.onnx")
@@ -158,57 +146,6 @@ def main():
         record.update(runs=args.split, **eager_split(model, image, args.split))
         record.update(onnxruntime_split(ort, path, feed, args.threads, args.split))
         rec.emit("export_time_split", **record)
-
-
-def ab_gather(ort, model, image, args, device, rec, opts) -> None:
-    """``--ab-gather``: two exports of the same model, P2/P3 pooled by gathering (as exported) or
-    every level by ``RoiAlign``, timed in ONNX Runtime in alternating blocks (record
-    ``export_traced_gather_ab``: medians over all rounds, the per-round ratios and their median)."""
-    from sparse_rcnn import poolers
-    from sparse_rcnn.export import _max_difference, export_onnx
-
-    folder = tempfile.mkdtemp(prefix="bench_export_ab_")
-    sessions, outputs = {}, {}
-    default = poolers.TRACED_GATHER_MAX_STRIDE
-    for name, stride in (("gather", default), ("roialign", 0)):
-        poolers.TRACED_GATHER_MAX_STRIDE = stride
-        try:
-            export_onnx(model, image, os.path.join(folder, f"{name}.onnx"))
-        finally:
-            poolers.TRACED_GATHER_MAX_STRIDE = default
-        sessions[name] = make_session(ort, os.path.join(folder, f"{name}.onnx"), args.threads)
-    feed = {"image": image.numpy()}
-
-    def runner(name):
-        def fn():
-            outputs[name] = sessions[name].run(["boxes", "scores", "classes"], feed)
-
-        return fn
-
-    fns = {name: runner(name) for name in sessions}
-    rec.begin()
-    block_args = argparse.Namespace(
-        **{**vars(args), "min_run_time": args.min_run_time / args.rounds}
-    )
-    rounds = [common.measure(fns, block_args, device, memory=False) for _ in range(args.rounds)]
-    diff = _max_difference(outputs["roialign"], outputs["gather"])
-    per_round = [r["roialign"][0].median / r["gather"][0].median for r in rounds]
-    stats = {
-        name: common.times_stats_ms([t for r in rounds for t in r[name][0].times]) for name in fns
-    }
-    rec.emit(
-        "export_traced_gather_ab",
-        config=common.config_text(CONFIG, opts),
-        input=[3, args.height, args.width],
-        stage1_rois_per_level=stage1_levels(model, args.height, args.width),
-        traced_gather_max_stride=default,
-        rounds=args.rounds,
-        **{f"{name}_{k}": v for name, st in stats.items() for k, v in st.items()},
-        speedup_per_round=[round(r, 3) for r in per_round],
-        speedup_gather_vs_roialign=round(statistics.median(per_round), 3),
-        max_score_diff=None if diff is None else diff[0],
-        max_box_diff_px=None if diff is None else diff[1],
-    )
 
 
 def stage1_levels(model, height: int, width: int) -> dict:

@@ -8,15 +8,14 @@ backward) / ``pooler_6_stages_fwd`` (800x1333, 100 boxes): six calls on the same
 head stage, the fast pooler laying them out once (``prepare``) as the head does; ``*_speedup``:
 median(stock) / median(fast). The training step with either pooler: ``bench_train.py``.
 
-``--onnx-ops``: instead, each level of the exported graph's pooling (``pooler_onnx_level``): the
+``--onnx-ops``: instead, each level of an exported graph's pooling (``pooler_onnx_level``): the
 P2-P5 maps of an 800x1216 image (C = 256, one image) and 300 boxes of the sizes that the level
 assignment puts on the level (:func:`level_boxes`), forward, five ways: ONNX Runtime's
-``RoiAlign`` (the exported graph's P4 and P5); FastROIPooler's traced gather path (Gather +
-MatMul on the prepared channels-last matrix: the graph's P2 and P3, see
-``sparse_rcnn.poolers.TRACED_GATHER_MAX_STRIDE``); the same samples as a 14x14 ``RoiAlign`` with
-one sample per bin and a 2x2 ``AveragePool``; ONNX ``GridSample`` (bilinear, border padding,
-channel-parallel) at the same 14x14 points and a 2x2 ``AveragePool``; and eager
-``FastROIPooler`` on its prepared matrix (what eager inference runs).
+``RoiAlign`` (what the exported graph runs); ``Gather`` + ``MatMul`` on the channels-last matrix
+with FastROIPooler's sparse entries (computed outside the graph, :class:`_GatherRows`); the same
+samples as a 14x14 ``RoiAlign`` with one sample per bin and a 2x2 ``AveragePool``; ONNX
+``GridSample`` (bilinear, border padding, channel-parallel) at the same 14x14 points and a 2x2
+``AveragePool``; and eager ``FastROIPooler`` on its prepared matrix (what eager inference runs).
 ``pooler_onnx_level_check``: the largest differences of the others from ``RoiAlign``. See
 README "Export and deployment".
 
@@ -105,17 +104,14 @@ def level_boxes(
     return boxes.tensor
 
 
-class _TracedGather(torch.nn.Module):
-    """One level of FastROIPooler's traced gather path (``_gather_level``), on a prepared
-    channels-last matrix (the head lays it out once for its six stages)."""
+class _GatherRows(torch.nn.Module):
+    """RoIAlign as ONNX ``Gather`` + ``MatMul``: FastROIPooler's sparse entries (computed outside
+    the graph) applied to the channels-last matrix, the embedding bag of its CPU path written with
+    standard operators (every gathered sample is written before the weighted sum)."""
 
-    def __init__(self, pooler: FastROIPooler):
-        super().__init__()
-        self.pooler = pooler
-
-    def forward(self, features, matrix, boxes):
-        rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], dim=1)
-        return self.pooler._gather_level(features, matrix, rois, self.pooler.scales[0])
+    def forward(self, matrix, cols, weights):
+        rows = matrix[cols.flatten()].view(cols.shape[0], cols.shape[1], matrix.shape[1])
+        return torch.matmul(weights.unsqueeze(1), rows)
 
 
 def _onnx_session(nodes, inputs, threads: int):
@@ -207,21 +203,27 @@ def bench_onnx_ops(rec, args, level: int, boxes: int = 300, channels: int = 256)
     import onnxruntime as ort
 
     gather_path = os.path.join(tempfile.mkdtemp(prefix="bench_pooler_"), "gather.onnx")
-    matrix = prepared.matrix
+    cols, weights = fast._sampling_entries(prepared, [Boxes(box_tensor)], [boxes])
+    cols = cols.long()
     torch.onnx.export(
-        _TracedGather(fast),
-        (feats, matrix, box_tensor),
+        _GatherRows(),
+        (prepared.matrix, cols, weights),
         gather_path,
-        input_names=["features", "matrix", "rois"],
+        input_names=["matrix", "cols", "weights"],
         output_names=["pooled"],
-        dynamic_axes={"features": {2: "h", 3: "w"}, "matrix": {0: "p"}, "rois": {0: "r"}},
+        dynamic_axes={"matrix": {0: "p"}, "cols": {0: "bins"}, "weights": {0: "bins"}},
         opset_version=17,
     )
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     gather = ort.InferenceSession(gather_path, options)
-    feed_gather = {"features": feats.numpy(), "matrix": matrix.numpy(), "rois": box_tensor.numpy()}
-    via_gather = torch.from_numpy(gather.run(None, feed_gather)[0])
+    feed_gather = {
+        "matrix": prepared.matrix.numpy(),
+        "cols": cols.numpy(),
+        "weights": weights.numpy(),
+    }
+    via_gather = torch.from_numpy(gather.run(None, feed_gather)[0]).view(boxes, 7, 7, channels)
+    via_gather = via_gather.permute(0, 3, 1, 2)
     with torch.no_grad():
         fast_diff = (fast(prepared, [Boxes(box_tensor)]) - reference).abs().max().item()
 
@@ -231,7 +233,7 @@ def bench_onnx_ops(rec, args, level: int, boxes: int = 300, channels: int = 256)
 
     fns = {
         "onnxruntime_RoiAlign": lambda: roi_align.run(None, feed_ra),
-        "onnxruntime_traced_gather": lambda: gather.run(None, feed_gather),
+        "onnxruntime_Gather_MatMul": lambda: gather.run(None, feed_gather),
         "onnxruntime_RoiAlign14_AveragePool": lambda: roi_align_14.run(None, feed_ra),
         "onnxruntime_GridSample_AveragePool": lambda: grid_sample.run(None, feed_gs),
         "eager_FastROIPooler_prepared": run_fast,
@@ -246,7 +248,7 @@ def bench_onnx_ops(rec, args, level: int, boxes: int = 300, channels: int = 256)
     rec.emit(
         "pooler_onnx_level_check",
         config=config,
-        max_diff_traced_gather_vs_roialign=(via_gather - reference).abs().max().item(),
+        max_diff_gather_matmul_vs_roialign=(via_gather - reference).abs().max().item(),
         max_diff_roialign14_vs_roialign=(via_14 - reference).abs().max().item(),
         max_diff_gridsample_vs_roialign=(via_grid - reference).abs().max().item(),
         max_diff_fast_vs_roialign=fast_diff,

@@ -30,7 +30,7 @@ As in torchvision, the pooled features carry no gradient to the boxes.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from detectron2.modeling.poolers import (
 from detectron2.structures import Boxes
 from detectron2.utils.tracing import is_fx_tracing
 
-__all__ = ["FastROIPooler", "PreparedFeatures", "TracedFeatures"]
+__all__ = ["FastROIPooler", "PreparedFeatures"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 
@@ -66,30 +66,6 @@ class PreparedFeatures:
 
     def __len__(self) -> int:
         return len(self.level_shapes)
-
-
-# While tracing, levels with a stride up to this pool by gathering channels-last rows (an ONNX
-# Gather + MatMul) instead of RoIAlign (ONNX RoiAlign): ONNX Runtime's RoiAlign walks every
-# channel plane of the map, which for these large maps (P2 of an 800x1216 image: 62 MB at C = 256)
-# misses the caches; the gather reads whole rows. `bench_pooler.py --onnx-ops` measures both per
-# level: the gather is faster on P2 and P3 and slower on the small, cache-resident P4 and P5.
-TRACED_GATHER_MAX_STRIDE = 8
-
-
-@dataclass
-class TracedFeatures:
-    """What :meth:`FastROIPooler.prepare` returns while tracing: the maps, and the channels-last
-    matrices of the levels pooled by gathering (see ``TRACED_GATHER_MAX_STRIDE``), laid out once
-    for all the head's stages.
-
-    Attributes:
-        maps: feature maps (B, C, H_l, W_l).
-        matrices: per level, (B * H_l * W_l, C) rows ordered (image, y, x), or None where the
-            level is pooled with RoIAlign.
-    """
-
-    maps: List[torch.Tensor]
-    matrices: List[Optional[torch.Tensor]]
 
 
 def _channels_last_concat(features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -216,41 +192,7 @@ def _bilinear_taps(
     weight = torch.stack([1.0 - frac, frac], dim=-1)
     weight = torch.where(valid.unsqueeze(-1), weight, torch.zeros_like(weight))
     index = torch.stack([low, high], dim=-1).to(torch.int64)
-    # reshape(-1, ...), not flatten(2): traced, flatten is a Reshape to (R, S, -1), which ONNX
-    # Runtime rejects for R = 0 (a level without RoIs).
-    return index.reshape(-1, bins, 2 * samples), weight.reshape(-1, bins, 2 * samples)
-
-
-def _separable_entries(
-    row_start: torch.Tensor,
-    width: torch.Tensor,
-    y_index: torch.Tensor,
-    y_weight: torch.Tensor,
-    x_index: torch.Tensor,
-    x_weight: torch.Tensor,
-    samples: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The sparse RoIAlign matrix from the 1-D taps of :func:`_bilinear_taps` (separable: entry
-    (ph, pw, y tap, x tap) = row of the y tap + column of the x tap, weight = y weight * x weight).
-
-    Args:
-        row_start: (R,) matrix row of (y, x) = (0, 0) of every RoI's image and level.
-        width: (R,) width of every RoI's level, the row stride.
-        y_index, y_weight: (R, S_h, 2 * sr) taps along y; x_index, x_weight: (R, S_w, 2 * sr).
-        samples: sr.
-
-    Returns:
-        cols (R * S_h * S_w, 4 * sr * sr), in the dtype of the indices, and weights of the same
-        shape (divided by sr * sr), ordered (y sample, y neighbour, x sample, x neighbour).
-    """
-    total, out_h, taps = y_index.shape
-    out_w = x_index.shape[1]
-    y_rows = row_start.view(-1, 1, 1) + y_index * width.view(-1, 1, 1)
-    cols = y_rows.view(total, out_h, 1, taps, 1) + x_index.view(total, 1, out_w, 1, taps)
-    weights = (y_weight / (samples * samples)).view(total, out_h, 1, taps, 1) * x_weight.view(
-        total, 1, out_w, 1, taps
-    )
-    return cols.reshape(-1, taps * taps), weights.reshape(-1, taps * taps)
+    return index.flatten(2), weight.flatten(2)
 
 
 class FastROIPooler(ROIPooler):
@@ -324,15 +266,7 @@ class FastROIPooler(ROIPooler):
             itself where the stock path is used (CUDA, other dtypes, tracing). Gradients flow
             from every forward that uses it back to ``x``.
         """
-        if isinstance(x, (PreparedFeatures, TracedFeatures)):
-            return x
-        if torch.jit.is_tracing():
-            matrices = [
-                t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) if self._gathers(level) else None
-                for level, t in enumerate(x)
-            ]
-            return TracedFeatures(list(x), matrices)
-        if not self._use_fast_path(x):
+        if isinstance(x, PreparedFeatures) or not self._use_fast_path(x):
             return x
         if not isinstance(x, (list, tuple)) or len(x) != len(self.level_poolers):
             raise ValueError(
@@ -370,11 +304,9 @@ class FastROIPooler(ROIPooler):
             (R, C, S, S) pooled features, R = total number of boxes, in the order of the
             concatenated ``box_lists``. On the fast path its memory is channels-last.
         """
-        if isinstance(x, TracedFeatures):
-            return self._forward_traceable(x, box_lists)
         if not isinstance(x, PreparedFeatures):
             if torch.jit.is_tracing():
-                return self._forward_traceable(self.prepare(x), box_lists)
+                return self._forward_traceable(x, box_lists)
             if not self._use_fast_path(x):
                 return super().forward(x, box_lists)
             x = self.prepare(x)
@@ -400,79 +332,24 @@ class FastROIPooler(ROIPooler):
             pooled = F.embedding_bag(cols, matrix, mode="sum", per_sample_weights=weights)
         return pooled.view(total, out_h, out_w, channels).permute(0, 3, 1, 2)
 
-    def _taps(self, boxes, scale, heights, widths) -> Tuple[torch.Tensor, ...]:
-        """:func:`_bilinear_taps` along y and x of (R, 4) xyxy input-pixel boxes at ``scale``
-        (a float or (R, 1)) on maps of (R,) ``heights`` and ``widths`` (in the boxes' dtype)."""
-        out_h, out_w = self.output_size
-        scaled = boxes * scale - (0.5 if self.aligned else 0.0)
-        start_x, start_y = scaled[:, 0], scaled[:, 1]
-        roi_w, roi_h = scaled[:, 2] - start_x, scaled[:, 3] - start_y
-        if not self.aligned:
-            roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-        sr = self.sampling_ratio
-        y_index, y_weight = _bilinear_taps(start_y, roi_h / out_h, heights, out_h, sr)
-        x_index, x_weight = _bilinear_taps(start_x, roi_w / out_w, widths, out_w, sr)
-        return y_index, y_weight, x_index, x_weight
-
-    def _gathers(self, level: int) -> bool:
-        """Whether the traced graph pools ``level`` by gathering (see TRACED_GATHER_MAX_STRIDE)."""
-        return 1.0 / self.scales[level] <= TRACED_GATHER_MAX_STRIDE
-
-    def _forward_traceable(self, x: TracedFeatures, box_lists: List[Boxes]) -> torch.Tensor:
-        """ROIPooler's forward for tracing: the same values in the same order (within float
-        rounding), without its ``index_put_`` of every level's RoIs into a zero tensor (4 ONNX
-        ScatterND per call, each writing the whole output): the levels' RoIs are pooled,
-        concatenated and put back in input order with one gather by the inverse permutation.
-        Levels with a channels-last matrix are pooled by :meth:`_gather_level`, the others with
-        Detectron2's RoIAlign (ONNX ``RoiAlign``).
+    def _forward_traceable(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
+        """ROIPooler's forward for tracing: the same values in the same order, without its
+        ``index_put_`` of every level's RoIs into a zero tensor (4 ONNX ScatterND per call, each
+        writing the whole output): the levels' RoIs are pooled, concatenated and put back in
+        input order with one gather by the inverse permutation.
         """
         pooler_fmt_boxes = convert_boxes_to_pooler_format(box_lists)
         if len(self.level_poolers) == 1:
-            return self._pool_level(x, 0, pooler_fmt_boxes)
+            return self.level_poolers[0](x[0], pooler_fmt_boxes)
         levels = assign_boxes_to_levels(
             box_lists, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
         )
         order, pooled = [], []
-        for level in range(len(self.level_poolers)):
+        for level, pooler in enumerate(self.level_poolers):
             inds = torch.nonzero(levels == level).squeeze(1)
             order.append(inds)
-            pooled.append(self._pool_level(x, level, pooler_fmt_boxes[inds]))
+            pooled.append(pooler(x[level], pooler_fmt_boxes[inds]))
         return torch.cat(pooled)[torch.argsort(torch.cat(order))]
-
-    def _pool_level(self, x: TracedFeatures, level: int, rois: torch.Tensor) -> torch.Tensor:
-        if x.matrices[level] is None:
-            return self.level_poolers[level](x.maps[level], rois)
-        return self._gather_level(x.maps[level], x.matrices[level], rois, self.scales[level])
-
-    def _gather_level(
-        self, feature: torch.Tensor, matrix: torch.Tensor, rois: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """RoIAlign of one level as a gather of channels-last rows and a weighted sum (tensor
-        code only: no size of the map is frozen into a trace).
-
-        Args:
-            feature: (B, C, H, W), for its size.
-            matrix: (B * H * W, C), ``feature`` channels-last.
-            rois: (R, 5) (image index, x1, y1, x2, y2) in input pixels.
-            scale: 1 / stride of the level.
-
-        Returns:
-            (R, C, S, S).
-        """
-        out_h, out_w = self.output_size
-        sr = self.sampling_ratio
-        dtype = matrix.dtype
-        height = torch._shape_as_tensor(feature)[2].to(dtype).expand(rois.shape[0])
-        width = torch._shape_as_tensor(feature)[3].to(dtype).expand(rois.shape[0])
-        y_index, y_weight, x_index, x_weight = self._taps(rois[:, 1:], scale, height, width)
-        image_start = rois[:, 0].to(torch.int64) * (height * width).to(torch.int64)
-        cols, weights = _separable_entries(
-            image_start, width.to(torch.int64), y_index, y_weight, x_index, x_weight, sr
-        )
-        # (R*S*S, 1, K) @ (R*S*S, K, C): the embedding bag of the CPU path, as ONNX MatMul.
-        rows = matrix[cols.flatten()].view(cols.shape[0], cols.shape[1], matrix.shape[1])
-        pooled = torch.matmul(weights.unsqueeze(1), rows)
-        return pooled.view(-1, out_h, out_w, matrix.shape[1]).permute(0, 3, 1, 2)
 
     def _sampling_entries(
         self, x: PreparedFeatures, box_lists: List[Boxes], num_boxes: List[int]
@@ -512,19 +389,26 @@ class FastROIPooler(ROIPooler):
         )
         scale = torch.tensor(self.scales, dtype=dtype, device=device)[levels]
 
-        y_index, y_weight, x_index, x_weight = self._taps(
-            boxes, scale[:, None], heights.to(dtype), widths.to(dtype)
-        )
+        scaled = boxes * scale[:, None] - (0.5 if self.aligned else 0.0)
+        start_x, start_y = scaled[:, 0], scaled[:, 1]
+        roi_w, roi_h = scaled[:, 2] - start_x, scaled[:, 3] - start_y
+        if not self.aligned:
+            roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+        y_index, y_weight = _bilinear_taps(start_y, roi_h / out_h, heights.to(dtype), out_h, sr)
+        x_index, x_weight = _bilinear_taps(start_x, roi_w / out_w, widths.to(dtype), out_w, sr)
 
-        num_entries = total * out_h * out_w * (2 * sr) ** 2
+        # Separable: entry (ph, pw, y tap, x tap) = row of the y tap + column of the x tap,
+        # weight = y weight * x weight. Broadcasting over (R, S, S, 2sr, 2sr).
+        taps = 2 * sr
+        num_entries = total * out_h * out_w * taps * taps
         small = max(matrix.shape[0], num_entries) < 2**31
         index_dtype = torch.int32 if small else torch.int64
-        return _separable_entries(
-            image_start.to(index_dtype),
-            widths.to(index_dtype),
-            y_index.to(index_dtype),
-            y_weight,
-            x_index.to(index_dtype),
-            x_weight,
-            sr,
+        y_rows = (image_start.view(-1, 1, 1) + y_index * widths.view(-1, 1, 1)).to(index_dtype)
+        cols = y_rows.view(total, out_h, 1, taps, 1) + x_index.to(index_dtype).view(
+            total, 1, out_w, 1, taps
         )
+        weights = (y_weight / (sr * sr)).view(total, out_h, 1, taps, 1) * x_weight.view(
+            total, 1, out_w, 1, taps
+        )
+        num_bins = total * out_h * out_w
+        return cols.view(num_bins, -1), weights.view(num_bins, -1)
