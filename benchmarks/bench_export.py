@@ -29,9 +29,9 @@ profiler's node times with the head's five costliest operator types, in a second
 
 ``--box-init`` (``image``, the config's) sets the random model's initial proposal boxes
 (``MODEL.SPARSE_RCNN.PROPOSAL_BOX_INIT``): whole-image boxes pool from P5 only, ``random`` ones
-(sides about half the image) mostly from P4-P5, ``grid`` ones (17x18 cells) from P2, as a trained model's
-small boxes do; ONNX Runtime's ``RoiAlign`` costs most on P2 (``bench_pooler.py --onnx-ops``). The
-first stage's RoIs per level are in the record.
+(sides about half the image) mostly from P4-P5, ``grid`` ones (17x18 cells) from P2, as a trained
+model's small boxes do; ONNX Runtime's ``RoiAlign`` costs most on P2 (``bench_pooler.py
+--onnx-ops``). The first stage's RoIs per level are in the record.
 
 Usage:
     python benchmarks/bench_export.py [--threads 2] [--min-run-time 20] [--onnx out/r50_300.onnx]
@@ -83,10 +83,7 @@ def main():
     )
     cfg = common.make_cfg(CONFIG, opts)
     model = common.build_model(cfg, seed=0).eval()
-    with torch.no_grad():
-        for stage in model.head.head_series:
-            stage.bboxes_delta.weight.mul_(args.delta_scale)
-            stage.bboxes_delta.bias.mul_(args.delta_scale)
+    common.scale_box_deltas(model, args.delta_scale)
     image = common.make_batch(1, args.height, args.width, None, 80)[0]["image"]
 
     path = args.onnx

@@ -115,7 +115,7 @@ class _GatherRows(torch.nn.Module):
 
 
 def _onnx_session(nodes, inputs, threads: int):
-    import onnxruntime as ort
+    """A session of the graph of ``nodes`` with ``inputs`` [(name, shape)] and output "pooled"."""
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -131,9 +131,16 @@ def _onnx_session(nodes, inputs, threads: int):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return _session(model.SerializeToString(), threads)
+
+
+def _session(model, threads: int):
+    """An ONNX Runtime session (CPU, ``threads`` intra-op threads) of a file or serialised model."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def bench_onnx_ops(rec, args, level: int, boxes: int = 300, channels: int = 256):
@@ -200,8 +207,6 @@ def bench_onnx_ops(rec, args, level: int, boxes: int = 300, channels: int = 256)
     via_grid = torch.from_numpy(grid_sample.run(None, feed_gs)[0]).transpose(0, 1)
     fast = FastROIPooler(output_size=7, scales=[scale], sampling_ratio=2, pooler_type="ROIAlignV2")
     prepared = fast.prepare([feats])
-    import onnxruntime as ort
-
     gather_path = os.path.join(tempfile.mkdtemp(prefix="bench_pooler_"), "gather.onnx")
     cols, weights = fast._sampling_entries(prepared, [Boxes(box_tensor)], [boxes])
     cols = cols.long()
@@ -214,9 +219,7 @@ def bench_onnx_ops(rec, args, level: int, boxes: int = 300, channels: int = 256)
         dynamic_axes={"matrix": {0: "p"}, "cols": {0: "bins"}, "weights": {0: "bins"}},
         opset_version=17,
     )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    gather = ort.InferenceSession(gather_path, options)
+    gather = _session(gather_path, args.threads)
     feed_gather = {
         "matrix": prepared.matrix.numpy(),
         "cols": cols.numpy(),

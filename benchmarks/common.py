@@ -126,6 +126,17 @@ def build_model(cfg, seed: int = 0):
     return d2_build_model(cfg)
 
 
+def scale_box_deltas(model, factor: float):
+    """Scale every head stage's box-delta layer by ``factor`` (in place; returns ``model``): a
+    random model's boxes then stay on the image as a trained model's do (tests/test_export.py
+    says why the export comparisons need it)."""
+    with torch.no_grad():
+        for stage in model.head.head_series:
+            stage.bboxes_delta.weight.mul_(factor)
+            stage.bboxes_delta.bias.mul_(factor)
+    return model
+
+
 def config_text(config_file: str, opts: Sequence = ()) -> str:
     """The exact config as a command line would give it: file + overrides."""
     return " ".join([f"configs/{config_file}", "MODEL.WEIGHTS ''"] + [str(o) for o in opts])

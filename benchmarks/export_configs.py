@@ -39,10 +39,7 @@ def random_weights(config_file: str, path: str, delta_scale: float) -> list:
         model = instantiate(LazyConfig.load(config_file).model)
     else:
         model = build_model(setup_cfg(config_file, []))
-    with torch.no_grad():
-        for stage in model.head.head_series:
-            stage.bboxes_delta.weight.mul_(delta_scale)
-            stage.bboxes_delta.bias.mul_(delta_scale)
+    common.scale_box_deltas(model, delta_scale)
     DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(
         os.path.basename(path)[: -len(".pth")]
     )
