@@ -24,28 +24,24 @@ import time
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import LazyConfig, instantiate
-from detectron2.modeling import build_model
 
 import common
-from sparse_rcnn.export import export, setup_cfg
+from sparse_rcnn.export import export, setup_model
 from sparse_rcnn.lazy_engine import is_lazy_config
 
 
 def random_weights(config_file: str, path: str, delta_scale: float) -> list:
-    """Save a seed-0 random model of ``config_file`` to ``path``; return the weights option."""
+    """Save a seed-0 random model of ``config_file`` (built as the export builds it, without
+    weights) to ``path``; return the weights option that loads it."""
+    lazy = is_lazy_config(config_file)
+    no_weights = ["train.init_checkpoint=''"] if lazy else ["MODEL.WEIGHTS", ""]
     torch.manual_seed(0)
-    if is_lazy_config(config_file):
-        model = instantiate(LazyConfig.load(config_file).model)
-    else:
-        model = build_model(setup_cfg(config_file, []))
+    model, _ = setup_model(config_file, no_weights)
     common.scale_box_deltas(model, delta_scale)
     DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(
         os.path.basename(path)[: -len(".pth")]
     )
-    if is_lazy_config(config_file):
-        return [f"train.init_checkpoint={path}"]
-    return ["MODEL.WEIGHTS", path]
+    return [f"train.init_checkpoint={path}"] if lazy else ["MODEL.WEIGHTS", path]
 
 
 def main():

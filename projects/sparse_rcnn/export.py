@@ -297,19 +297,20 @@ def setup_model(config_file: str, opts: List[str]) -> Tuple[nn.Module, Dict[str,
     ``train_net.py --eval-only`` does. Unsupported options fail (a ValueError naming them) before
     any weights are read.
     """
-    if is_lazy_config(config_file):
+    lazy = is_lazy_config(config_file)
+    if lazy:
         cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
-        check_exportable(cfg)
-        settings = export_settings(cfg)
+    else:
+        cfg = setup_cfg(config_file, opts)
+    check_exportable(cfg)
+    settings = export_settings(cfg)
+    if lazy:
         model, backbone_key, weights = (
             instantiate(cfg.model),
             "model.backbone",
             cfg.train.init_checkpoint,
         )
     else:
-        cfg = setup_cfg(config_file, opts)
-        check_exportable(cfg)
-        settings = export_settings(cfg)
         model, backbone_key, weights = build_model(cfg), "MODEL.BACKBONE.NAME", cfg.MODEL.WEIGHTS
     check_backbone_exportable(model.backbone, backbone_key)
     DetectionCheckpointer(model).load(weights)
