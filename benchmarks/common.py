@@ -69,7 +69,7 @@ class Recorder:
         self.out_path = Path(out_path)
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
         self.env = dict(device=str(device), threads=threads, torch=torch.__version__, **extra)
-        self.env.update(detectron2=d2_version, cpu_count=psutil.cpu_count())
+        self.env.update(detectron2=d2_version, cpu=cpu_model(), cpu_count=psutil.cpu_count())
         if device.type == "cuda":
             self.env["gpu"] = torch.cuda.get_device_name(device)
         self.begin()
@@ -110,6 +110,22 @@ class Recorder:
         with open(self.out_path, "a") as f:
             f.write(line + "\n")
         return record
+
+
+def cpu_model() -> str:
+    """The CPU's model name, family and model (``/proc/cpuinfo``; ``platform.processor()``
+    elsewhere): sessions run on different machines, and ratios between runtimes depend on it."""
+    info = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    if "model name" in info:
+        return f"{info['model name']} (family {info.get('cpu family')}, model {info.get('model')})"
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 def make_cfg(config_file: str, opts: Sequence = (), device: torch.device = torch.device("cpu")):
