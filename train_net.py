@@ -18,21 +18,16 @@ import os
 from collections import OrderedDict
 
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
-
-from sparse_rcnn.checks import check_amp_device, check_device, cpu_threads_per_process
+from sparse_rcnn.checkpoint import load_model_weights
 from sparse_rcnn.config import get_sparse_rcnn_cfg
-from sparse_rcnn.engine import (
-    RobustTrainerMixin,
-    build_sparse_rcnn_evaluator,
-    build_sparse_rcnn_test_loader,
-    build_sparse_rcnn_train_loader,
-    enable_cpu_distributed_training,
-    load_model_weights,
-    setup_process_runtime,
-)
+from sparse_rcnn.data_loaders import build_sparse_rcnn_test_loader, build_sparse_rcnn_train_loader
+from sparse_rcnn.distributed import cpu_threads_per_process, enable_cpu_distributed_training
+from sparse_rcnn.evaluation import build_sparse_rcnn_evaluator
 from sparse_rcnn.lazy_engine import is_lazy_config, main_lazy
+from sparse_rcnn.runtime import check_amp_device, check_device, setup_process_runtime
 from sparse_rcnn.solver import build_optimizer
 from sparse_rcnn.test_time_augmentation import SparseRCNNWithTTA
+from sparse_rcnn.trainer import RobustTrainerMixin
 
 logger = logging.getLogger("detectron2")
 

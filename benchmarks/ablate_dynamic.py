@@ -63,7 +63,8 @@ def evaluate(cfg, weights, nms: bool) -> dict:
     from detectron2.evaluation import inference_on_dataset
     from detectron2.modeling import build_model
 
-    from sparse_rcnn.engine import build_sparse_rcnn_evaluator, build_sparse_rcnn_test_loader
+    from sparse_rcnn.data_loaders import build_sparse_rcnn_test_loader
+    from sparse_rcnn.evaluation import build_sparse_rcnn_evaluator
 
     cfg = cfg.clone()
     cfg.MODEL.SPARSE_RCNN.NMS_ENABLED = nms
@@ -161,7 +162,7 @@ def late_steps(cfg, weights, steps: int) -> dict:
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    from sparse_rcnn.engine import build_sparse_rcnn_train_loader
+    from sparse_rcnn.data_loaders import build_sparse_rcnn_train_loader
     from sparse_rcnn.solver import build_optimizer
 
     record = {}

@@ -26,7 +26,7 @@ from sparse_rcnn.crowdhuman_evaluation import (
     crowdhuman_metrics,
     match_image,
 )
-from sparse_rcnn.engine import build_sparse_rcnn_evaluator
+from sparse_rcnn.evaluation import build_sparse_rcnn_evaluator
 from sparse_rcnn.evaluation import PerStageEvaluator
 
 CROWDHUMAN_CONFIG = CONFIG_DIR / "sparse_rcnn_R_50_FPN_500pro_crowdhuman.yaml"

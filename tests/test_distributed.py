@@ -22,10 +22,13 @@ from conftest import build_tiny_model, make_cfg
 from detectron2.engine import defaults, launch
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
-
-from sparse_rcnn.checks import apply_cpu_threads, available_cpus, cpu_threads_per_process
 from sparse_rcnn.criterion import SetCriterion
-from sparse_rcnn.engine import enable_cpu_distributed_training
+from sparse_rcnn.distributed import (
+    apply_cpu_threads,
+    available_cpus,
+    cpu_threads_per_process,
+    enable_cpu_distributed_training,
+)
 from sparse_rcnn.solver import build_optimizer
 
 NUM_ITERS = 3

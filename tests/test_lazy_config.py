@@ -336,7 +336,7 @@ def test_cfg_free_augmentation_rejects_an_unknown_flip():
 def test_lazy_training_skips_a_non_finite_step_like_the_yaml_path():
     from detectron2.utils.events import EventStorage
 
-    from sparse_rcnn.engine import NonFiniteSkippingTrainer
+    from sparse_rcnn.trainer import NonFiniteSkippingTrainer
     from sparse_rcnn.lazy_engine import build_trainer
 
     cfg = load_lazy("sparse_rcnn_quick_cpu")

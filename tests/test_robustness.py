@@ -26,19 +26,18 @@ from conftest import (
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser, defaults
 from detectron2.utils.events import EventStorage
-from test_distributed import make_batch
-
-from sparse_rcnn import checks, engine
+from sparse_rcnn import checkpoint, dataset_checks
 from sparse_rcnn import demo as demo_module
+from sparse_rcnn import distributed, solver
+from sparse_rcnn import trainer as trainer_module
+from sparse_rcnn.checkpoint import load_model_weights
+from sparse_rcnn.data_loaders import build_sparse_rcnn_train_loader
 from sparse_rcnn.dataset_mapper import SparseRCNNDatasetMapper
-from sparse_rcnn.engine import (
-    NonFiniteSkippingTrainer,
-    build_sparse_rcnn_train_loader,
-    load_model_weights,
-    setup_package_logger,
-)
 from sparse_rcnn.resumable_loader import ResumableTrainLoader
+from sparse_rcnn.runtime import setup_package_logger
 from sparse_rcnn.solver import build_optimizer
+from sparse_rcnn.trainer import NonFiniteSkippingTrainer
+from test_distributed import make_batch
 
 sys.path.insert(0, str(REPO_ROOT))
 import train_net  # noqa: E402
@@ -115,9 +114,9 @@ def record(category_ids, file_name="img.png", boxes=None):
 # Before the first iteration
 # ------------------------------------------------------------------------------------------------
 def test_faster_rcnn_lr_warns_with_the_scaled_paper_value_and_the_key(records):
-    log = records("sparse_rcnn.checks")
+    log = records("sparse_rcnn.solver")
     cfg = make_cfg(opts=["SOLVER.BASE_LR", 0.01, "SOLVER.IMS_PER_BATCH", 4])
-    message = checks.check_learning_rate(cfg)
+    message = solver.check_learning_rate(cfg)
     # The paper's 2.5e-5 for 16 images, scaled to 4 images: 6.25e-6.
     assert "SOLVER.BASE_LR 6.25e-06" in message and "SOLVER.IMS_PER_BATCH 4" in message
     assert "1600x" in message  # 0.01 / 6.25e-6
@@ -129,19 +128,19 @@ def test_faster_rcnn_lr_warns_with_the_scaled_paper_value_and_the_key(records):
         (16, 0.99, False),
         (16, 1.01, True),
     ]:
-        lr = checks.LR_WARNING_FACTOR * checks.paper_lr(ims) * factor
+        lr = solver.LR_WARNING_FACTOR * solver.paper_lr(ims) * factor
         cfg = make_cfg(opts=["SOLVER.BASE_LR", lr, "SOLVER.IMS_PER_BATCH", ims])
-        assert (checks.check_learning_rate(cfg) is not None) == warns, (ims, factor)
+        assert (solver.check_learning_rate(cfg) is not None) == warns, (ims, factor)
     # SGD is not checked (the paper gives no SGD LR).
     sgd = make_cfg(opts=["SOLVER.BASE_LR", 0.02, "SOLVER.OPTIMIZER", "SGD"])
-    assert checks.check_learning_rate(sgd) is None
+    assert solver.check_learning_rate(sgd) is None
 
 
 def test_no_config_in_configs_warns_about_its_lr():
     configs = sorted(CONFIG_DIR.glob("*.yaml"))
     assert len(configs) >= 10
     for path in configs:
-        assert checks.check_learning_rate(make_cfg(path)) is None, path.name
+        assert solver.check_learning_rate(make_cfg(path)) is None, path.name
 
 
 def test_category_id_outside_num_classes_stops_before_training(fake_dataset, tmp_path):
@@ -163,11 +162,11 @@ def test_thing_classes_that_differ_from_num_classes_stop_with_the_key(fake_datas
 
 
 def test_dropped_annotations_are_counted_and_reported_once(fake_dataset, records):
-    log = records("sparse_rcnn.checks")
+    log = records("sparse_rcnn.dataset_checks")
     boxes = [[1, 1, 10, 10], [5, 5, 5, 9], [float("nan"), 1, 3, 3], [2, 2, 0, 8]]
     dicts = [record([0, 1, 2, 0], f"{i}.png", boxes) for i in range(3)]
     dicts[0]["annotations"][0]["iscrowd"] = 1
-    counts = checks.count_invalid_annotations("robust_drops", dicts)
+    counts = dataset_checks.count_invalid_annotations("robust_drops", dicts)
     # Per image: box 2 has zero width, box 3 is NaN, box 4 has zero height (x1 = x0 + 0).
     assert counts == {"degenerate": 6, "non-finite": 3, "crowd": 1}
     assert len(log.messages) == 1
@@ -223,7 +222,7 @@ def test_missing_and_corrupt_checkpoints_are_reported_with_their_path(tmp_path):
     torch.save({"model": model.state_dict()}, path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # killed while saving
     cfg = make_cfg(opts=["MODEL.WEIGHTS", str(path)])
-    with pytest.raises(checks.CorruptCheckpointError, match=f"{path} .* corrupt or truncated"):
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=f"{path} .* corrupt or truncated"):
         load_model_weights(model, cfg)
     cfg.MODEL.WEIGHTS = str(tmp_path / "nowhere.pth")
     with pytest.raises(FileNotFoundError, match="nowhere.pth does not exist"):
@@ -231,7 +230,7 @@ def test_missing_and_corrupt_checkpoints_are_reported_with_their_path(tmp_path):
     # --resume reads the checkpoint that last_checkpoint names.
     (tmp_path / "last_checkpoint").write_text(path.name)
     cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS = str(tmp_path), ""
-    with pytest.raises(checks.CorruptCheckpointError, match=str(path)):
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=str(path)):
         load_model_weights(model, cfg, resume=True)
     # A run killed while writing last_checkpoint leaves it empty: the newest checkpoint is used.
     trained = build_tiny_model(seed=1)
@@ -298,7 +297,7 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("which", ["logits", "boxes"])
 def test_a_nan_step_is_skipped_and_weights_and_optimizer_are_unchanged(which, records):
-    log = records("sparse_rcnn.engine")
+    log = records("sparse_rcnn.trainer")
     trainer = make_trainer(build_tiny_model(seed=0))
     with EventStorage(0) as storage:
         trainer.iter = 0
@@ -359,7 +358,7 @@ def test_a_trainer_step_computes_the_gradient_norm_once_and_steps_as_the_optimiz
     reference_opt = build_optimizer(make_cfg(opts=["SOLVER.BASE_LR", 1e-4]), reference)
     # Every total-norm computation: the clipping's and the trainer's own fallback.
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting(torch.nn.utils.clip_grad_norm_))
-    monkeypatch.setattr(engine, "total_grad_norm", counting(engine.total_grad_norm))
+    monkeypatch.setattr(trainer_module, "total_grad_norm", counting(trainer_module.total_grad_norm))
     with EventStorage(0):
         for iteration in range(2):
             trainer.iter = iteration
@@ -563,19 +562,19 @@ def test_eval_only_with_num_classes_that_do_not_fit_stops_before_inference(
 # ------------------------------------------------------------------------------------------------
 def test_cpu_processes_get_their_share_of_the_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert checks.cpu_threads_per_process(1, cpu_count=16) is None
+    assert distributed.cpu_threads_per_process(1, cpu_count=16) is None
     assert "OMP_NUM_THREADS" not in os.environ
-    assert checks.cpu_threads_per_process(3, cpu_count=16) == 5
+    assert distributed.cpu_threads_per_process(3, cpu_count=16) == 5
     assert os.environ["OMP_NUM_THREADS"] == "5"
-    assert checks.cpu_threads_per_process(4, cpu_count=2) is None  # set now: left alone
+    assert distributed.cpu_threads_per_process(4, cpu_count=2) is None  # set now: left alone
     monkeypatch.setenv("OMP_NUM_THREADS", "")
-    assert checks.cpu_threads_per_process(4, cpu_count=2) == 1  # never 0
+    assert distributed.cpu_threads_per_process(4, cpu_count=2) == 1  # never 0
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
-    assert checks.cpu_threads_per_process(2, cpu_count=16) is None
+    assert distributed.cpu_threads_per_process(2, cpu_count=16) is None
     assert os.environ["OMP_NUM_THREADS"] == "3"
     previous = torch.get_num_threads()
     try:
-        assert checks.apply_cpu_threads() == 3 and torch.get_num_threads() == 3
+        assert distributed.apply_cpu_threads() == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(previous)
     # Two real processes: see tests/test_distributed.py.
@@ -603,7 +602,7 @@ def test_demo_warns_untrained_and_reports_the_highest_score(tmp_path, records):
     # A corrupt MODEL.WEIGHTS is reported with its path.
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"PK\x03\x04 not a checkpoint")
-    with pytest.raises(checks.CorruptCheckpointError, match=str(bad)):
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=str(bad)):
         demo_module.main(argv + ["--opts", "MODEL.WEIGHTS", str(bad)])
 
 

@@ -11,10 +11,10 @@ from .builtin_datasets import (
     register_synthetic_shapes,
 )
 from .config import add_sparse_rcnn_config
+from .criterion import SPARSE_RCNN_CRITERION_REGISTRY, SetCriterion, build_criterion
 from .crowdhuman import register_all_crowdhuman, register_crowdhuman
 from .crowdhuman_evaluation import CrowdHumanEvaluator
 from .dataset_mapper import SparseRCNNDatasetMapper, build_sparse_rcnn_augmentation
-from .criterion import SPARSE_RCNN_CRITERION_REGISTRY, SetCriterion, build_criterion
 from .detector import SparseRCNN
 from .dynamic_proposals import DynamicProposalGenerator
 from .head import SPARSE_RCNN_HEAD_REGISTRY, DynamicConv, DynamicHead, DynamicStage

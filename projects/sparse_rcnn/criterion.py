@@ -204,7 +204,7 @@ class SetCriterion(nn.Module):
     def _losses(self, stage_outputs, targets, device) -> Dict[str, torch.Tensor]:
         # Non-finite predictions (a diverging run) are reported where they first appear and
         # replaced before matching, so the matcher and the losses never see NaN; the trainer
-        # skips the step (sparse_rcnn.engine.NonFiniteSkippingTrainer reads ``non_finite``).
+        # skips the step (sparse_rcnn.trainer.NonFiniteSkippingTrainer reads ``non_finite``).
         self.non_finite = first_non_finite_stage(stage_outputs)
         if self.non_finite is not None:
             stage_outputs = [replace_non_finite(out, targets) for out in stage_outputs]

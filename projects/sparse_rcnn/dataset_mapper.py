@@ -189,7 +189,7 @@ class SparseRCNNDatasetMapper(DatasetMapper):
         kept = [a for a in valid if a.get("iscrowd", 0) == 0]
         super()._transform_annotations(dataset_dict, transforms, image_shape)
         # Counted, not logged per sample: the trainer's pre-flight check reports the invalid ones
-        # of the whole dataset once (sparse_rcnn.checks.count_invalid_annotations).
+        # of the whole dataset once (sparse_rcnn.dataset_checks.count_invalid_annotations).
         self.dropped["invalid"] += len(annos) - len(valid)
         self.dropped["crowd"] += len(valid) - len(kept)
         if "instances" in dataset_dict:

@@ -35,9 +35,9 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.visualizer import Visualizer
 
 from .builtin_datasets import prepare_builtin_dataset
-from .checks import check_device, check_weights_file, explain_checkpoint_errors
+from .checkpoint import check_weights_file, explain_checkpoint_errors
 from .config import get_sparse_rcnn_cfg
-from .engine import setup_package_logger
+from .runtime import check_device, setup_package_logger
 from .visualization import draw_prediction_beside_ground_truth, ground_truth
 
 # Named, not __name__: run as `python -m sparse_rcnn.demo` the module is "__main__".

@@ -15,7 +15,6 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import nms
 
-from .checks import validate_batched_inputs
 from .criterion import build_criterion, prepare_targets
 from .head import build_sparse_rcnn_head
 from .proposals import build_proposal_generator
@@ -315,3 +314,28 @@ def _batched_nms(
     max_coordinate = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
     offsets = classes.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
     return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def validate_batched_inputs(batched_inputs, training: bool) -> None:
+    """Check the model's input: a list with one dict per image, each with an "image" tensor
+    (and "instances" in training). Raises TypeError/ValueError naming the input."""
+    if not isinstance(batched_inputs, (list, tuple)):
+        raise TypeError(
+            "SparseRCNN expects a list of dicts, one per image (each with 'image': a (C, H, W) "
+            f"tensor), got {type(batched_inputs).__name__}"
+        )
+    if training and len(batched_inputs) == 0:
+        raise ValueError("SparseRCNN training got an empty list of inputs (batch of 0 images)")
+    for i, x in enumerate(batched_inputs):
+        if not isinstance(x, dict) or "image" not in x:
+            got = f"a dict with keys {sorted(x)}" if isinstance(x, dict) else type(x).__name__
+            raise ValueError(
+                f"SparseRCNN input {i}: expected a dict with 'image' (a (C, H, W) tensor), got {got}"
+            )
+        if not isinstance(x["image"], torch.Tensor):
+            raise TypeError(
+                f"SparseRCNN input {i}: 'image' must be a (C, H, W) torch.Tensor, got "
+                f"{type(x['image']).__name__} (convert with torch.as_tensor(img.transpose(2, 0, 1)))"
+            )
+        if training and "instances" not in x:
+            raise ValueError(f"SparseRCNN training needs 'instances' in every input (input {i})")

@@ -1,12 +1,15 @@
-"""Per-stage evaluation: COCO box AP of every iterative stage in one pass (Dynamic Sparse R-CNN,
-figure 6). Needs ``MODEL.SPARSE_RCNN.EVAL_PER_STAGE: True`` so the model returns
-"stage_instances"."""
+"""The evaluator of a dataset (COCO box AP, or CrowdHuman's metrics) and per-stage evaluation:
+the AP of every iterative stage in one pass (Dynamic Sparse R-CNN, figure 6), with
+``MODEL.SPARSE_RCNN.EVAL_PER_STAGE: True`` so the model returns "stage_instances"."""
 
 import os
 from collections import OrderedDict
 from typing import Callable, Dict, List
 
-from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+
+from .builtin_datasets import prepare_builtin_dataset
+from .crowdhuman_evaluation import CrowdHumanEvaluator, is_crowdhuman_dataset
 
 
 class PerStageEvaluator(DatasetEvaluator):
@@ -58,3 +61,28 @@ class PerStageEvaluator(DatasetEvaluator):
             for task, metrics in (evaluator.evaluate() or {}).items():
                 results[f"{task}_stage{t + 1}"] = metrics
         return results
+
+
+def build_sparse_rcnn_evaluator(cfg, dataset_name: str, output_folder=None):
+    """COCOEvaluator (box AP) on ``dataset_name``; generates a built-in dataset first if needed.
+
+    With ``MODEL.SPARSE_RCNN.EVAL_PER_STAGE`` every stage is evaluated too (``bbox_stage{t}``).
+
+    Datasets whose metadata has ``evaluator_type == "crowdhuman"`` (``crowdhuman_train``/``_val``)
+    get :class:`CrowdHumanEvaluator` (AP, mMR, Recall of the official protocol) instead of COCO
+    AP (per stage too: ``crowdhuman_stage{t}``).
+    """
+    prepare_builtin_dataset(dataset_name)
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+
+    def make_evaluator(folder):
+        if is_crowdhuman_dataset(dataset_name):
+            return CrowdHumanEvaluator(dataset_name, output_dir=folder)
+        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=folder)
+
+    evaluator = make_evaluator(output_folder)
+    if cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE:
+        num_stages = cfg.MODEL.SPARSE_RCNN.NUM_STAGES
+        evaluator = PerStageEvaluator(evaluator, make_evaluator, num_stages, output_folder)
+    return evaluator

@@ -15,18 +15,21 @@ from typing import Dict, List
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
-from detectron2.engine import defaults
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_setup,
+    default_writers,
+    defaults,
+    hooks,
+)
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from .builtin_datasets import prepare_builtin_dataset
-from .checks import check_amp_device, check_cuda_available
-from .engine import (
-    NonFiniteSkippingTrainer,
-    enable_cpu_distributed_training,
-    setup_process_runtime,
-)
+from .distributed import enable_cpu_distributed_training
+from .runtime import check_amp_device, check_cuda_available, setup_process_runtime
+from .trainer import NonFiniteSkippingTrainer
 
 __all__ = ["is_lazy_config", "setup_lazy", "build_trainer", "do_test", "do_train", "main_lazy"]
 
