@@ -42,6 +42,8 @@ from detectron2.modeling.poolers import (
 from detectron2.structures import Boxes
 from detectron2.utils.tracing import is_fx_tracing
 
+from .tracing import is_tracing
+
 __all__ = ["FastROIPooler", "PreparedFeatures"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
@@ -251,7 +253,7 @@ class FastROIPooler(ROIPooler):
         self.aligned = pooler_type == "ROIAlignV2"
 
     def _use_fast_path(self, x: Sequence[torch.Tensor]) -> bool:
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or is_fx_tracing():
+        if torch.jit.is_scripting() or is_tracing() or is_fx_tracing():
             return False
         return all(t.device.type == "cpu" and t.dtype in _FAST_DTYPES for t in x)
 
@@ -305,7 +307,7 @@ class FastROIPooler(ROIPooler):
             concatenated ``box_lists``. On the fast path its memory is channels-last.
         """
         if not isinstance(x, PreparedFeatures):
-            if torch.jit.is_tracing():
+            if is_tracing():
                 return self._forward_traceable(x, box_lists)
             if not self._use_fast_path(x):
                 return super().forward(x, box_lists)
@@ -338,7 +340,7 @@ class FastROIPooler(ROIPooler):
         writing the whole output): the levels' RoIs are pooled, concatenated and put back in
         input order with one gather by the inverse permutation.
         """
-        pooler_fmt_boxes = convert_boxes_to_pooler_format(box_lists)
+        pooler_fmt_boxes = _pooler_format_boxes(box_lists)
         if len(self.level_poolers) == 1:
             return self.level_poolers[0](x[0], pooler_fmt_boxes)
         levels = assign_boxes_to_levels(
@@ -412,3 +414,19 @@ class FastROIPooler(ROIPooler):
         )
         num_bins = total * out_h * out_w
         return cols.view(num_bins, -1), weights.view(num_bins, -1)
+
+
+def _pooler_format_boxes(box_lists: List[Boxes]) -> torch.Tensor:
+    """Detectron2's ``convert_boxes_to_pooler_format`` (R, 5) rows (image index, x0, y0, x1, y1),
+    with the image indices filled per image instead of by ``repeat_interleave``, whose output size
+    ``torch.export`` cannot know (the ONNX exporter then fails on its ``sym_numel``).
+
+    Args:
+        box_lists: B :class:`Boxes`, one per image.
+    """
+    boxes = torch.cat([b.tensor for b in box_lists])
+    indices = [
+        torch.full((len(b), 1), float(i), dtype=boxes.dtype, device=boxes.device)
+        for i, b in enumerate(box_lists)
+    ]
+    return torch.cat([torch.cat(indices), boxes], dim=1)
