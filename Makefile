@@ -39,10 +39,10 @@ demo: $(STAMP)
 # Sparse R-CNN and the headline model (Dynamic Sparse R-CNN's label assignment) trained with the
 # same budget (the main job's model, 1300 iterations each), side by side with COCO AP without and
 # with NMS 0.7 at test time: about 25 minutes on 2 cores; records in output/compare/. Any variants
-# of benchmarks/ablate_dynamic.py: make demo-compare VARIANTS="sparse dla dla_two_losses dpg dynamic"
+# of tools/ablate_dynamic.py: make demo-compare VARIANTS="sparse dla dla_two_losses dpg dynamic"
 VARIANTS ?= sparse dla_two_losses
 demo-compare: $(STAMP)
-	$(PY) benchmarks/ablate_dynamic.py --variants $(VARIANTS) --output-root output/compare \
+	$(PY) tools/ablate_dynamic.py --variants $(VARIANTS) --output-root output/compare \
 		--out output/compare/records.jsonl
 
 # Quick CPU versions of every benchmark (a few minutes); JSON records go to output/bench/.
