@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-compare bench clean
+.PHONY: venv test demo demo-compare bench lint format clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,18 @@ demo-compare: $(STAMP)
 # Quick CPU versions of every benchmark (a few minutes); JSON records go to output/bench/.
 bench: $(STAMP)
 	bash benchmarks/run_all.sh $(PY)
+
+# Formatting and lint (settings in pyproject.toml): ruff (pycodestyle, pyflakes, import order),
+# black and isort at line length 100. `make format` applies black and isort.
+LINT_PATHS := projects tests benchmarks tools train_net.py setup.py
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/black --check $(LINT_PATHS)
+	$(VENV)/bin/isort --check-only $(LINT_PATHS)
+
+format: $(STAMP)
+	$(VENV)/bin/isort $(LINT_PATHS)
+	$(VENV)/bin/black $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) output
