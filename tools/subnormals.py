@@ -64,7 +64,9 @@ def subnormal_sources(model, optimizer, batch, top: int = 8) -> Dict[str, int]:
                 count = num_subnormal(t)
                 if count:
                     ours = [f for f in traceback.extract_stack() if "/sparse_rcnn/" in f.filename]
-                    where = f"{ours[-1].filename.rsplit('/', 1)[-1]}:{ours[-1].lineno}" if ours else ""
+                    where = (
+                        f"{ours[-1].filename.rsplit('/', 1)[-1]}:{ours[-1].lineno}" if ours else ""
+                    )
                     key = f"{func.__name__} {str(t.dtype).replace('torch.', '')} ({where})"
                     counts[key] = counts.get(key, 0) + count
             return out
