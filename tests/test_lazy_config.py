@@ -101,7 +101,7 @@ def settings(model):
 
 
 def test_official_parameter_counts():
-    # The counts of the official models (tests/data/official_keys; README), through LazyConfig.
+    # The counts of the official models (tests/data/official_keys; docs/configs.md), via LazyConfig.
     expected = {
         "sparse_rcnn_R_50_FPN_100pro_3x": 106237768,
         "sparse_rcnn_R_50_FPN_300pro_crop_3x": 106289768,
