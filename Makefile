@@ -18,7 +18,7 @@ VENV_LATEST := .venv-latest
 PY_LATEST := $(VENV_LATEST)/bin/python
 STAMP_LATEST := $(VENV_LATEST)/.installed
 
-.PHONY: venv venv-latest test test-latest lock-latest demo demo-compare bench clean
+.PHONY: venv venv-latest test test-latest lock-latest demo demo-compare bench lint format clean
 
 venv: $(STAMP)
 
@@ -76,15 +76,27 @@ demo: $(STAMP)
 # Sparse R-CNN and the headline model (Dynamic Sparse R-CNN's label assignment) trained with the
 # same budget (the main job's model, 1300 iterations each), side by side with COCO AP without and
 # with NMS 0.7 at test time: about 25 minutes on 2 cores; records in output/compare/. Any variants
-# of benchmarks/ablate_dynamic.py: make demo-compare VARIANTS="sparse dla dla_two_losses dpg dynamic"
+# of tools/ablate_dynamic.py: make demo-compare VARIANTS="sparse dla dla_two_losses dpg dynamic"
 VARIANTS ?= sparse dla_two_losses
 demo-compare: $(STAMP)
-	$(PY) benchmarks/ablate_dynamic.py --variants $(VARIANTS) --output-root output/compare \
+	$(PY) tools/ablate_dynamic.py --variants $(VARIANTS) --output-root output/compare \
 		--out output/compare/records.jsonl
 
 # Quick CPU versions of every benchmark (a few minutes); JSON records go to output/bench/.
 bench: $(STAMP)
 	bash benchmarks/run_all.sh $(PY)
+
+# Formatting and lint (settings in pyproject.toml): ruff (pycodestyle, pyflakes, import order),
+# black and isort at line length 100. `make format` applies black and isort.
+LINT_PATHS := projects tests benchmarks tools train_net.py setup.py
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/black --check $(LINT_PATHS)
+	$(VENV)/bin/isort --check-only $(LINT_PATHS)
+
+format: $(STAMP)
+	$(VENV)/bin/isort $(LINT_PATHS)
+	$(VENV)/bin/black $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) output

@@ -18,6 +18,7 @@ import os
 from collections import OrderedDict
 
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
+
 from sparse_rcnn.checkpoint import load_model_weights
 from sparse_rcnn.config import get_sparse_rcnn_cfg
 from sparse_rcnn.data_loaders import build_sparse_rcnn_test_loader, build_sparse_rcnn_train_loader

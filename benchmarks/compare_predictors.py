@@ -11,7 +11,7 @@ largest score and box differences over all images, the images that differ, and e
 median time per image (same threads).
 
 Usage (the quick model, trained by ``python train_net.py --config-file
-configs/sparse_rcnn_quick_cpu.yaml``, exported by the README's export command):
+configs/sparse_rcnn_quick_cpu.yaml``, exported by the command in docs/deployment.md):
     python benchmarks/compare_predictors.py --config-file configs/sparse_rcnn_quick_cpu.yaml \\
         --onnx out/model.onnx --num-images 40 MODEL.WEIGHTS output/quick_cpu/model_final.pth
 """

@@ -26,11 +26,11 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import CONFIG_DIR, TINY_CONFIG, make_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
+from conftest import CONFIG_DIR, TINY_CONFIG, make_cfg
 from sparse_rcnn import export as sparse_export
 from sparse_rcnn.onnx_predictor import INPUT_NAME, OUTPUT_NAMES, ONNXRuntimePredictor
 

@@ -584,7 +584,7 @@ def get_parser() -> argparse.ArgumentParser:
         "--export-method",
         choices=["tracing", "scripting"],
         default="tracing",
-        help="only tracing is supported (scripting: the model's Python structures, see README)",
+        help="only tracing is supported (scripting fails on the model's Python structures)",
     )
     parser.add_argument(
         "--sample-image",

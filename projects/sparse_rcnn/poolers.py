@@ -23,8 +23,9 @@ samples with ``y < -1`` or ``y > H`` (or ``x`` likewise) contribute 0, coordinat
 >= 0 and at the last row/column both neighbours are the last one; the sum is divided by sr * sr.
 
 CUDA tensors, dtypes other than float32/float64, and tracing/scripting use the stock
-:class:`ROIPooler` path (torchvision's CUDA kernel is fast; float16 on CPU is rare). Only ``ROIAlign``/``ROIAlignV2`` with
-a fixed ``sampling_ratio > 0`` are supported; other settings raise ``ValueError``.
+:class:`ROIPooler` path (torchvision's CUDA kernel is fast; float16 on CPU is rare). Only
+``ROIAlign``/``ROIAlignV2`` with a fixed ``sampling_ratio > 0`` are supported; other settings raise
+``ValueError``.
 
 As in torchvision, the pooled features carry no gradient to the boxes.
 """
@@ -37,12 +38,10 @@ import torch.nn.functional as F
 from detectron2.modeling.poolers import (
     ROIPooler,
     assign_boxes_to_levels,
-    convert_boxes_to_pooler_format,
 )
 from detectron2.structures import Boxes
-from detectron2.utils.tracing import is_fx_tracing
 
-from .tracing import is_tracing
+from .tracing import is_fx_symbolic_tracing, is_tracing
 
 __all__ = ["FastROIPooler", "PreparedFeatures"]
 
@@ -208,8 +207,8 @@ class FastROIPooler(ROIPooler):
     Every call with a list of maps first copies all of them into one channels-last matrix.
     Callers that pool the same maps several times (the head's stages) should do that once with
     :meth:`prepare` and pass the result instead of the list: on large maps with few boxes the
-    copy costs more than the stock forward (800x1333 input, 2 images, C = 256, 100 boxes each:
-    about 147 ms vs 39 ms per no-grad call on one thread; 13 ms per call once prepared).
+    copy costs more than the stock forward (about 4x for 800x1333 inputs with 100 boxes each; a
+    prepared call costs a third of the stock one: docs/benchmarks.md, "RoI pooling").
     """
 
     def __init__(
@@ -253,7 +252,7 @@ class FastROIPooler(ROIPooler):
         self.aligned = pooler_type == "ROIAlignV2"
 
     def _use_fast_path(self, x: Sequence[torch.Tensor]) -> bool:
-        if torch.jit.is_scripting() or is_tracing() or is_fx_tracing():
+        if torch.jit.is_scripting() or is_tracing() or is_fx_symbolic_tracing():
             return False
         return all(t.device.type == "cpu" and t.dtype in _FAST_DTYPES for t in x)
 

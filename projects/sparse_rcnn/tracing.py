@@ -26,6 +26,19 @@ def is_tracing() -> bool:
     return torch.jit.is_tracing() or is_exporting()
 
 
+def is_fx_symbolic_tracing() -> bool:
+    """Whether ``torch.fx.symbolic_trace`` is tracing the model. Current torch has its own test;
+    its ``is_fx_tracing`` (which Detectron2's wraps) logs that it also answers for torch.export."""
+    from torch.fx import _symbolic_trace
+
+    own = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None)
+    if own is not None:
+        return own()
+    from detectron2.utils.tracing import is_fx_tracing
+
+    return is_fx_tracing()
+
+
 def sizes_to_tensor(values: Sequence, device=None) -> torch.Tensor:
     """A 1-D float32 tensor of image sizes (ints, 0-dim tensors or symbolic ints) that stays tied
     to the input's shape in a trace or an export, as Detectron2's ``shapes_to_tensor`` does for
