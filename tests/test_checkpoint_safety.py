@@ -356,6 +356,15 @@ def test_eval_only_with_an_empty_model_checkpoint_is_an_error(tmp_path):
         r"311 parameters.*Likely cause: a file of another model",
     ):
         run_eval_only(tmp_path, "MODEL.WEIGHTS", str(path))
+    none = "it provides none of the model's"
+    with pytest.raises(IncompleteCheckpointError, match=none):
+        export.setup_model(str(TINY_CONFIG), ["MODEL.WEIGHTS", str(path)])
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(CONFIG_DIR / "sparse_rcnn_quick_cpu.py"), "--eval-only"]
+        + [f"train.init_checkpoint={path}", "train.device=cpu", f"train.output_dir={tmp_path}"]
+    )
+    with pytest.raises(IncompleteCheckpointError, match=none):
+        train_net.main(args)  # LazyConfig --eval-only
 
 
 def test_eval_only_with_another_models_names_is_an_error(tmp_path):

@@ -7,8 +7,8 @@ therefore read weights-only (docs/checkpoints.md):
 
 - ``.pth`` / ``.pt`` / ``.pyth``: ``torch.load(weights_only=True)``; a file that PyTorch's
   weights-only loader refuses is read again by :class:`RestrictedUnpickler`, which admits the same
-  tensor types plus numpy arrays (what PyTorch < 2.4 cannot allow-list) and names the first global
-  it refuses;
+  tensor types plus numpy arrays (what PyTorch < 2.4 cannot allow-list), reads the omegaconf values
+  of older LazyConfig checkpoints as plain lists and dicts, and names the first global it refuses;
 - ``.pkl`` (Detectron2 model-zoo and ImageNet weights: numpy arrays in a dict) by
   :class:`RestrictedUnpickler`;
 - ``.safetensors`` by the ``safetensors`` package (a format that cannot carry code).
@@ -222,8 +222,8 @@ def _admitted_globals() -> Dict[Tuple[str, str], Any]:
         objects[f"builtins.{cls.__name__}"] = cls
     for module, name in _OMEGACONF_CLASSES:
         objects[f"{module}.{name}"] = _OmegaConfStandIn
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state"):  # fmt: skip
+    rebuilds = ("tensor", "tensor_v2", "tensor_v3", "parameter", "parameter_with_state")
+    for name in (f"_rebuild_{r}" for r in rebuilds):
         if hasattr(torch._utils, name):
             objects[f"torch._utils.{name}"] = getattr(torch._utils, name)
     for value in vars(torch).values():
@@ -238,8 +238,9 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     ``find_class`` admits only :func:`_admitted_globals` (anything else, e.g. ``posix.system``,
     stops the load before it is called), and ``BUILD`` (setting an object's state) only applies
-    to arrays, dtypes, tensors and ``OrderedDict``. The pure-Python unpickler, so that ``BUILD``
-    can be restricted; its speed does not matter for the few hundred objects of a state dict.
+    to arrays, dtypes, tensors, ``OrderedDict`` and the omegaconf stand-ins. The pure-Python
+    unpickler, so that ``BUILD`` can be restricted; its speed does not matter for the few hundred
+    objects of a state dict.
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
