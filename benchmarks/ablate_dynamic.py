@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from sparse_rcnn.config import get_sparse_rcnn_cfg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +61,7 @@ def evaluate(cfg, weights, nms: bool) -> dict:
     """COCO box AP of ``weights`` on cfg.DATASETS.TEST[0], with or without NMS 0.7."""
     from detectron2.evaluation import inference_on_dataset
     from detectron2.modeling import build_model
+
     from sparse_rcnn.checkpoint import InferenceCheckpointer
     from sparse_rcnn.data_loaders import build_sparse_rcnn_test_loader
     from sparse_rcnn.evaluation import build_sparse_rcnn_evaluator
@@ -158,6 +160,7 @@ def late_steps(cfg, weights, steps: int) -> dict:
     """Time ``steps`` training steps from a trained checkpoint, flush-to-zero off then on."""
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
+
     from sparse_rcnn.checkpoint import SafeDetectionCheckpointer
     from sparse_rcnn.data_loaders import build_sparse_rcnn_train_loader
     from sparse_rcnn.solver import build_optimizer

@@ -20,9 +20,10 @@ import argparse
 import statistics
 import time
 
-import common
 import cv2
 import torch
+
+import common
 
 SCORE_TOL, BOX_TOL_PX = 1e-4, 1e-3
 
@@ -39,6 +40,7 @@ def main():
     args, device, rec = common.parse_args(parser, "export_trained.jsonl", min_run_time=0.0)
 
     from detectron2.data import DatasetCatalog
+
     from sparse_rcnn.builtin_datasets import prepare_builtin_dataset
     from sparse_rcnn.config import get_sparse_rcnn_cfg
     from sparse_rcnn.export import _max_difference

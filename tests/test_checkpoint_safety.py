@@ -26,6 +26,7 @@ from conftest import (
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultPredictor, default_argument_parser, hooks
 from detectron2.modeling import build_model
+
 from sparse_rcnn import checkpoint as ckpt
 from sparse_rcnn import demo, export, model_zoo
 from sparse_rcnn.checkpoint import (
