@@ -63,10 +63,10 @@ DEFAULT_SEED = 40244023  # configs/Base-SparseRCNN.yaml
 
 def evaluate(cfg, weights, nms: bool) -> dict:
     """COCO box AP of ``weights`` on cfg.DATASETS.TEST[0], with or without NMS 0.7."""
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.evaluation import inference_on_dataset
     from detectron2.modeling import build_model
 
+    from sparse_rcnn.checkpoint import InferenceCheckpointer
     from sparse_rcnn.data_loaders import build_sparse_rcnn_test_loader
     from sparse_rcnn.evaluation import build_sparse_rcnn_evaluator
 
@@ -75,7 +75,7 @@ def evaluate(cfg, weights, nms: bool) -> dict:
     cfg.MODEL.SPARSE_RCNN.NMS_THRESH_TEST = 0.7
     cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE = False
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(weights)
+    InferenceCheckpointer(model).load(weights)
     dataset = cfg.DATASETS.TEST[0]
     folder = os.path.join(cfg.OUTPUT_DIR, f"eval_nms{int(nms)}")
     results = inference_on_dataset(
@@ -104,10 +104,10 @@ def step_times(output_dir: str) -> dict:
 
 def late_steps(cfg, weights, steps: int) -> dict:
     """Time ``steps`` training steps from a trained checkpoint, flush-to-zero off then on."""
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
+    from sparse_rcnn.checkpoint import SafeDetectionCheckpointer
     from sparse_rcnn.data_loaders import build_sparse_rcnn_train_loader
     from sparse_rcnn.solver import build_optimizer
 
@@ -116,7 +116,7 @@ def late_steps(cfg, weights, steps: int) -> dict:
         torch.set_flush_denormal(flush)
         torch.manual_seed(0)
         model = build_model(cfg).train()
-        DetectionCheckpointer(model).load(weights)
+        SafeDetectionCheckpointer(model).load(weights)
         optimizer = build_optimizer(cfg, model)
         loader = iter(build_sparse_rcnn_train_loader(cfg))
         times = []

@@ -35,8 +35,8 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.visualizer import Visualizer
 
 from .builtin_datasets import prepare_builtin_dataset
-from .checkpoint import check_weights_file, explain_checkpoint_errors
 from .config import get_sparse_rcnn_cfg
+from .predictor import SparseRCNNPredictor
 from .runtime import check_device, setup_package_logger
 from .visualization import draw_prediction_beside_ground_truth, ground_truth
 
@@ -242,9 +242,7 @@ def main(argv=None):
                 "detections mean nothing. Add --opts MODEL.WEIGHTS path/to/model_final.pth (e.g. "
                 "output/demo_cpu/model_final.pth after `make demo`)."
             )
-        check_weights_file(cfg.MODEL.WEIGHTS)
-        with explain_checkpoint_errors(cfg.MODEL.WEIGHTS):
-            predictor = DefaultPredictor(cfg)
+        predictor = SparseRCNNPredictor(cfg)  # weights-only; weights that do not fit: an error
     dataset = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
     metadata = MetadataCatalog.get(dataset)
     records = {}

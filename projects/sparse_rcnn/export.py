@@ -50,7 +50,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
@@ -58,6 +57,7 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling import build_model
 from torch import nn
 
+from .checkpoint import load_inference_weights
 from .config import add_sparse_rcnn_config
 from .lazy_engine import is_lazy_config
 from .onnx_predictor import INPUT_NAME, OUTPUT_NAMES
@@ -460,8 +460,9 @@ def setup_model(config_file: str, opts: List[str]) -> Tuple[nn.Module, Dict[str,
 
     A yaml config takes ``KEY VALUE`` options and loads ``MODEL.WEIGHTS``; a LazyConfig (``.py``)
     takes ``key=value`` overrides and loads ``train.init_checkpoint``, on the CPU, as
-    ``train_net.py --eval-only`` does. Unsupported options fail (a ValueError naming them) before
-    any weights are read.
+    ``train_net.py --eval-only`` does (weights-only; a checkpoint that leaves the model untrained
+    is an error: ``sparse_rcnn.checkpoint.load_inference_weights``). Unsupported options fail (a
+    ValueError naming them) before any weights are read.
     """
     lazy = is_lazy_config(config_file)
     if lazy:
@@ -479,7 +480,7 @@ def setup_model(config_file: str, opts: List[str]) -> Tuple[nn.Module, Dict[str,
     else:
         model, backbone_key, weights = build_model(cfg), "MODEL.BACKBONE.NAME", cfg.MODEL.WEIGHTS
     check_backbone_exportable(model.backbone, backbone_key)
-    DetectionCheckpointer(model).load(weights)
+    load_inference_weights(model, weights, key="train.init_checkpoint" if lazy else "MODEL.WEIGHTS")
     return model.eval(), settings
 
 

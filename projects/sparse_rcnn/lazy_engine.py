@@ -13,7 +13,6 @@ path: the config's ``train`` keys are those of Detectron2's ``configs/common/tra
 import logging
 from typing import Dict, List
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -27,6 +26,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from .builtin_datasets import prepare_builtin_dataset
+from .checkpoint import InferenceCheckpointer, SafeDetectionCheckpointer
 from .distributed import enable_cpu_distributed_training
 from .runtime import check_amp_device, check_cuda_available, setup_process_runtime
 from .trainer import NonFiniteSkippingTrainer
@@ -131,7 +131,7 @@ def do_train(args, cfg) -> Dict:
 
     model = defaults.create_ddp_model(model, **cfg.train.ddp)  # CPU-aware after enable_cpu_...
     trainer = build_trainer(cfg, model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     last_results = {}
 
     def test_and_keep():
@@ -179,7 +179,7 @@ def main_lazy(args):
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = defaults.create_ddp_model(model)
-        DetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
+        InferenceCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
             cfg.train.init_checkpoint, resume=args.resume
         )
         return do_test(cfg, model)

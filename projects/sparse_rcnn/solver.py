@@ -4,6 +4,7 @@ the check of the LR against the paper's before training."""
 
 import itertools
 import logging
+from collections.abc import Sequence
 from typing import Iterable, Optional, Type
 
 import torch
@@ -84,6 +85,12 @@ def full_model_clipped_optimizer(
         clip_norm: max total gradient norm (paper: 1.0).
         kwargs: the optimizer's own arguments (``lr``, ``weight_decay``, ``betas``, ...).
     """
+    # A LazyConfig passes a list or tuple (``betas``) as an omegaconf ListConfig; as a tuple it
+    # leaves the optimizer state, and so the checkpoints, plain data that loads weights-only.
+    kwargs = {
+        k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+        for k, v in kwargs.items()
+    }
     return maybe_add_full_model_gradient_clipping(optimizer_type, clip_norm)(params, **kwargs)
 
 

@@ -10,7 +10,7 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from .checkpoint import resume_or_load
+from .checkpoint import SafeDetectionCheckpointer, resume_or_load
 from .data_loaders import check_datasets
 from .resumable_loader import ResumableLoaderHook, ResumableTrainLoader
 from .solver import check_learning_rate, paper_lr
@@ -129,7 +129,8 @@ class RobustTrainerMixin:
       AMPTrainer, whose GradScaler skips steps with non-finite gradients itself);
     - the data order saved in checkpoints and continued on ``--resume``
       (:class:`ResumableLoaderHook`);
-    - a missing or corrupt checkpoint reported with its path.
+    - checkpoints read weights-only (:class:`SafeDetectionCheckpointer`); a missing, corrupt or
+      refused checkpoint reported with its path.
     """
 
     def __init__(self, cfg):
@@ -145,6 +146,13 @@ class RobustTrainerMixin:
                 base_lr=cfg.SOLVER.BASE_LR,
                 ims_per_batch=cfg.SOLVER.IMS_PER_BATCH,
             )
+        default = self.checkpointer  # DefaultTrainer's, which would unpickle anything
+        self.checkpointer = SafeDetectionCheckpointer(
+            default.model, default.save_dir, **default.checkpointables
+        )
+        for hook in self._hooks:
+            if getattr(hook, "checkpointer", None) is default:
+                hook.checkpointer = self.checkpointer
         if isinstance(self._trainer.data_loader, ResumableTrainLoader):
             self.register_hooks([ResumableLoaderHook(self._trainer.data_loader)])
 
