@@ -14,6 +14,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import DefaultPredictor, default_argument_parser, hooks
+from detectron2.modeling import build_model
+
 from conftest import (
     CONFIG_DIR,
     PARITY_DIR,
@@ -23,12 +27,7 @@ from conftest import (
     make_cfg,
     registered_synthetic_shapes,
 )
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import DefaultPredictor, default_argument_parser, hooks
-from detectron2.modeling import build_model
-
-from sparse_rcnn import checkpoint as ckpt
-from sparse_rcnn import demo, export, model_zoo
+from sparse_rcnn import checkpoint as ckpt, demo, export, model_zoo
 from sparse_rcnn.checkpoint import (
     ALLOW_UNSAFE_ENV,
     CorruptCheckpointError,
@@ -37,8 +36,7 @@ from sparse_rcnn.checkpoint import (
     SafeDetectionCheckpointer,
     UnsafeCheckpointError,
 )
-from sparse_rcnn.convert_to_safetensors import convert_to_safetensors
-from sparse_rcnn.convert_to_safetensors import main as convert_main
+from sparse_rcnn.convert_to_safetensors import convert_to_safetensors, main as convert_main
 from sparse_rcnn.predictor import SparseRCNNPredictor
 from sparse_rcnn.resumable_loader import ResumableLoaderHook
 

@@ -16,8 +16,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from detectron2.data import MetadataCatalog
-from detectron2.data import transforms as T
+from detectron2.data import MetadataCatalog, transforms as T
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
