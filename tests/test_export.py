@@ -440,3 +440,33 @@ def test_traced_fast_pooler_equals_detectron2_pooler_exactly(pooler_type, prepar
         assert set(assign_boxes_to_levels(box_lists, 2, 5, 224, 4).tolist()) == {0, 1, 2, 3}
         reference = reference_pooler(features, box_lists)
         assert torch.equal(traced(boxes[:7], boxes[7:], *features), reference)
+
+
+def test_exported_graph_keeps_detections_per_image(tmp_path):
+    """TEST.DETECTIONS_PER_IMAGE is a constant of the graph (the size of its cut): the exported
+    model returns the first 5 of the default model's detections, at a size other than the export
+    size, in ONNX Runtime and TorchScript, with NMS."""
+    opts = ["MODEL.SPARSE_RCNN.NUM_STAGES", "1", "MODEL.SPARSE_RCNN.NMS_ENABLED", "True"]
+    # Random proposal boxes (the "image" init gives 20 equal boxes) and an NMS that removes some.
+    opts += [
+        "MODEL.SPARSE_RCNN.PROPOSAL_BOX_INIT",
+        "random",
+        "MODEL.SPARSE_RCNN.NMS_THRESH_TEST",
+        "0.2",
+    ]
+    models = {}
+    for count in (0, 5):
+        cfg = make_cfg(TINY_CONFIG, opts + ["TEST.DETECTIONS_PER_IMAGE", str(count)])
+        torch.manual_seed(0)
+        models[count] = well_conditioned(build_model(cfg)).eval()
+    image, other = random_image(96, 128, seed=1), random_image(112, 144, seed=2)
+    full, expected = eager(models[0], other), eager(models[5], other)
+    assert 5 < len(full[1]) < 20 and len(expected[1]) == 5  # NMS removed some of the 20
+    for got, want in zip(expected, full):
+        assert torch.equal(got, want[:5])
+    sparse_export.export_onnx(models[5], image, str(tmp_path / "m.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    assert_same_detections(expected, session.run(None, {INPUT_NAME: other.numpy()}), 1e-4, 1e-3)
+    traced = sparse_export.export_torchscript(models[5], image, str(tmp_path / "m.ts"))
+    with torch.no_grad():
+        assert_same_detections(expected, traced(other), 1e-5, 1e-5 * 256)

@@ -17,9 +17,10 @@ outside the graph (``sparse_rcnn.onnx_predictor.ONNXRuntimePredictor`` does it).
 * input ``image``: one (C, H, W) float32 image in ``INPUT.FORMAT``, already resized (as the test
   augmentation resizes it), of any H and W (ONNX: dynamic axes ``height``, ``width``);
 * outputs ``boxes`` (D, 4) xyxy in input pixels, ``scores`` (D,), ``classes`` (D,) int64: the
-  top-k detections (k = the number of proposals, score descending), after the score threshold
-  and, for Dynamic Sparse R-CNN, class-aware NMS (D <= k). Boxes are clipped only where NMS needs
-  it, as in eager inference.
+  top-k detections (score descending), after the score threshold and, for Dynamic Sparse R-CNN,
+  class-aware NMS (D <= k; k = ``TEST.DETECTIONS_PER_IMAGE``, 0: the number of proposals, is a
+  constant of the graph: export again to change it). Boxes are clipped only where NMS needs it, as
+  in eager inference.
 
 Tracing runs the exportable paths of the model (the same numbers as eager within float rounding):
 Detectron2's ROIPooler instead of FastROIPooler's CPU kernel, the attention without PyTorch's MHA
