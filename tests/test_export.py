@@ -14,6 +14,7 @@ keeps its boxes on the image; the scaled deltas do the same for a random one.
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -700,3 +701,35 @@ def test_verify_tells_rounding_from_a_frozen_size_on_an_untrained_model():
 
     with pytest.raises(RuntimeError, match=r"at the size \(96, 200\) either.*frozen"):
         sparse_export.verify(model, blown_up, image, frozen)
+
+
+def test_export_command_checks_an_untrained_model_on_a_damped_copy(tmp_path, monkeypatch, capsys):
+    """The command on random weights saved by DetectionCheckpointer. The untrained graph's boxes
+    are made to come out pixels off (as a random R-50's do in ONNX Runtime: rounding amplified by
+    random box deltas); the damped copy is exported and checked for real."""
+    real_runner = sparse_export._exported_runner
+    paths = []
+
+    def amplified(fmt, model, image, path, settings):
+        run = real_runner(fmt, model, image, path, settings)
+        paths.append(path)
+        if len(paths) > 1:  # the damped copy's graph
+            return run
+        return lambda x: (run(x)[0] + 5.0, *run(x)[1:])
+
+    monkeypatch.setattr(sparse_export, "_exported_runner", amplified)
+    opts = ["MODEL.SPARSE_RCNN.NUM_STAGES", "1"]
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(make_cfg(TINY_CONFIG, opts)), str(tmp_path)).save("random")
+    out = tmp_path / "out"
+    args = ["--config-file", str(TINY_CONFIG), "--format", "torchscript", "--output", str(out)]
+    args += ["--sample-image", _write_sample_image(tmp_path / "sample.png")]
+    path = sparse_export.main(args + opts + ["MODEL.WEIGHTS", str(tmp_path / "random.pth")])
+    printed = capsys.readouterr().out
+    assert "checked a copy with damped box deltas at the export size" in printed
+    assert re.search(r"checked a copy with damped box deltas at the size \(\d+, \d+\)", printed)
+    assert "no size is frozen into it" in printed and f"Wrote {path}" in printed
+    # The copy went to a temporary folder: the output holds the model's file only.
+    assert (
+        paths[0] == path and not paths[1].startswith(str(out)) and os.listdir(out) == ["model.ts"]
+    )
