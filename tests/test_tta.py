@@ -509,15 +509,40 @@ def tta_opts(output_dir):
     ]  # fmt: skip
 
 
-def test_train_net_eval_only_reports_bbox_tta(datasets, tmp_path):
+def test_train_net_trains_and_evaluates_with_tta(datasets, tmp_path, monkeypatch):
+    # Training ends with Detectron2's EvalHook, then the TTA one (as tools/train_net.py); --eval-only
+    # on the final weights reports the same TTA metrics, plus the plain and per-stage ones.
     torch.set_num_threads(1)
-    argv = ["--config-file", str(TINY_CONFIG), "--eval-only", *tta_opts(tmp_path)]
-    argv += ["MODEL.SPARSE_RCNN.EVAL_PER_STAGE", "True"]
-    results = train_net.main(default_argument_parser().parse_args(argv))
+    recorded = []
+    original = train_net.Trainer.test_with_TTA.__func__
+
+    def recording(cls, cfg, model):
+        recorded.append(original(cls, cfg, model))
+        return recorded[-1]
+
+    monkeypatch.setattr(train_net.Trainer, "test_with_TTA", classmethod(recording))
+    train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
+    argv = ["--config-file", str(TINY_CONFIG), *tta_opts(train_dir), "SOLVER.MAX_ITER", "2"]
+    train_net.main(default_argument_parser().parse_args(argv))
+    assert len(recorded) == 1 and set(recorded[0]) == {"bbox_TTA"}
+    for folder in ("inference", "inference_TTA"):
+        assert (train_dir / folder / f"{PREFIX}_val" / "coco_instances_results.json").exists()
+    with open(train_dir / "metrics.json") as f:
+        logged = {k: v for line in f for k, v in json.loads(line).items() if k.startswith("bbox")}
+
+    argv = ["--config-file", str(TINY_CONFIG), "--eval-only", *tta_opts(eval_dir)]
+    argv += ["MODEL.WEIGHTS", str(train_dir / "model_final.pth")]
+    results = train_net.main(default_argument_parser().parse_args(argv + [
+        "MODEL.SPARSE_RCNN.EVAL_PER_STAGE", "True"]))  # fmt: skip
     assert set(results) == {"bbox", "bbox_TTA"} | {f"bbox_stage{t}" for t in range(1, 7)}
     assert set(results["bbox_TTA"]) >= {"AP", "AP50", "AP75"}
     assert 0.0 <= results["bbox_TTA"]["AP"] <= 100.0
-    with open(tmp_path / "inference_TTA" / f"{PREFIX}_val" / "coco_instances_results.json") as f:
+    # The same weights: the evaluations at the end of training gave the same metrics.
+    assert results["bbox_TTA"] == pytest.approx(recorded[0]["bbox_TTA"], nan_ok=True)
+    assert {k: v for k, v in logged.items() if k.startswith("bbox/")} == pytest.approx(
+        {f"bbox/{k}": v for k, v in results["bbox"].items()}, nan_ok=True
+    )
+    with open(eval_dir / "inference_TTA" / f"{PREFIX}_val" / "coco_instances_results.json") as f:
         detections = json.load(f)
     sizes = {r["image_id"]: (r["height"], r["width"]) for r in DatasetCatalog.get(f"{PREFIX}_val")}
     assert len({d["image_id"] for d in detections}) == 4
@@ -527,12 +552,3 @@ def test_train_net_eval_only_reports_bbox_tta(datasets, tmp_path):
         height, width = sizes[d["image_id"]]
         assert x >= 0 and y >= 0 and w > 0 and h > 0
         assert x + w <= width + 1e-3 and y + h <= height + 1e-3
-
-
-def test_train_net_training_ends_with_a_tta_evaluation(datasets, tmp_path):
-    torch.set_num_threads(1)
-    argv = ["--config-file", str(TINY_CONFIG), *tta_opts(tmp_path), "SOLVER.MAX_ITER", "2"]
-    train_net.main(default_argument_parser().parse_args(argv))
-    # Detectron2's EvalHook after the last iteration, then the TTA one (as tools/train_net.py).
-    for folder in ("inference", "inference_TTA"):
-        assert (tmp_path / folder / f"{PREFIX}_val" / "coco_instances_results.json").exists()
