@@ -27,7 +27,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 import common
 from sparse_rcnn.export import export, setup_model
-from sparse_rcnn.lazy_engine import is_lazy_config
+from sparse_rcnn.config_loader import is_lazy_config
 
 
 def random_weights(config_file: str, path: str, delta_scale: float) -> list:
