@@ -547,7 +547,9 @@ def test_eval_only_with_num_classes_that_do_not_fit_stops_before_inference(
     fake_dataset, monkeypatch, tmp_path
 ):
     name = fake_dataset("robust_val", [record([0])], thing_classes=["a", "b", "c"])
-    monkeypatch.setattr(defaults, "inference_on_dataset", lambda *a, **k: pytest.fail("inference"))
+    monkeypatch.setattr(
+        trainer_module, "inference_on_dataset", lambda *a, **k: pytest.fail("inference")
+    )
     argv = ["--config-file", str(TINY_CONFIG), "--eval-only", "OUTPUT_DIR", str(tmp_path)]
     argv += ["DATASETS.TEST", f"('{name}',)", "MODEL.SPARSE_RCNN.NUM_CLASSES", "2"]
     with pytest.raises(
