@@ -242,6 +242,63 @@ def test_missing_and_corrupt_checkpoints_are_reported_with_their_path(tmp_path):
     assert_same(model.state_dict(), trained.state_dict())
 
 
+def _checkpointer_with(folder, names, last):
+    """A DetectionCheckpointer on ``folder`` holding the files ``names`` (each a distinct model),
+    with ``last_checkpoint`` saying ``last``."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    states = {}
+    for seed, name in enumerate(names, start=1):
+        states[name] = build_tiny_model(seed=seed).state_dict()
+        torch.save({"model": states[name]}, folder / name)
+    if last is not None:
+        (folder / "last_checkpoint").write_text(last)
+    return DetectionCheckpointer(build_tiny_model(), save_dir=str(folder)), states
+
+
+@pytest.mark.parametrize(
+    "names, newest",
+    [
+        (["model_0000009.pth", "model_0000019.pth", "model_0000004.pth"], "model_0000019.pth"),
+        (["model_0000019.pth", "model_final.pth", "model_0000009.pth"], "model_final.pth"),
+        ([], None),
+    ],
+)
+def test_an_empty_last_checkpoint_is_repaired_to_the_newest_checkpoint(tmp_path, names, newest):
+    # Several checkpoints: the highest iteration wins; model_final.pth (the end) before any;
+    # none left: the tag is removed and the run starts from the config's weights.
+    checkpointer, states = _checkpointer_with(tmp_path, names, last="")
+    checkpoint.resume_or_load(checkpointer, "", resume=True)
+    if newest is None:
+        assert not (tmp_path / "last_checkpoint").exists()
+        assert_same(checkpointer.model.state_dict(), build_tiny_model().state_dict())
+    else:
+        assert (tmp_path / "last_checkpoint").read_text() == newest
+        assert_same(checkpointer.model.state_dict(), states[newest])
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, records):
+    log = records("sparse_rcnn.checkpoint")
+    names = ["model_0000004.pth", "model_0000009.pth", "model_0000014.pth", "model_0000019.pth"]
+    checkpointer, states = _checkpointer_with(tmp_path, names, last="model_0000019.pth")
+    for name in ("model_0000019.pth", "model_0000014.pth"):  # the two newest are truncated
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    checkpoint.resume_or_load(checkpointer, "", resume=True)
+    assert_same(checkpointer.model.state_dict(), states["model_0000009.pth"])
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    (warning,) = log.messages
+    assert warning.startswith(f"Resuming from {tmp_path / 'model_0000009.pth'}: the newest")
+    assert str(tmp_path / "model_0000019.pth") in warning
+    assert str(tmp_path / "model_0000014.pth") in warning
+    # None readable: the error names every file.
+    (tmp_path / "last_checkpoint").write_text("model_0000019.pth")
+    for name in ("model_0000009.pth", "model_0000004.pth"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="no checkpoint of .* can be read"):
+        checkpoint.resume_or_load(checkpointer, "", resume=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # During training: non-finite steps
 # ------------------------------------------------------------------------------------------------
