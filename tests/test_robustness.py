@@ -600,6 +600,23 @@ def test_inference_inputs_empty_list_and_malformed_inputs():
         model([])
 
 
+def test_training_target_with_a_class_id_outside_num_classes_names_it():
+    model = build_tiny_model().train()  # 3 classes
+    batch = make_batch()[2:]  # 4 boxes, 1 box
+    batch[1]["file_name"] = "datasets/seven.png"
+    batch[1]["instances"].gt_classes[0] = 7
+    with pytest.raises(ValueError) as info:
+        model(batch)
+    message = str(info.value)
+    assert "gt_classes id 7" in message and "datasets/seven.png" in message
+    assert "MODEL.SPARSE_RCNN.NUM_CLASSES / model.num_classes 3" in message
+    batch[1]["instances"].gt_classes[0] = -1  # negative ids too
+    with pytest.raises(ValueError, match="gt_classes id -1"):
+        model(batch)
+    batch[1]["instances"].gt_classes[0] = 2  # the largest valid id trains
+    assert all(torch.isfinite(v) for v in model(batch).values())
+
+
 def test_eval_only_with_num_classes_that_do_not_fit_stops_before_inference(
     fake_dataset, monkeypatch, tmp_path
 ):
