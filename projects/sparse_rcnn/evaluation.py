@@ -1,6 +1,8 @@
 """The evaluator of a dataset (COCO box AP, or CrowdHuman's metrics) and per-stage evaluation:
 the AP of every iterative stage in one pass (Dynamic Sparse R-CNN, figure 6), with
-``MODEL.SPARSE_RCNN.EVAL_PER_STAGE: True`` so the model returns "stage_instances"."""
+``MODEL.SPARSE_RCNN.EVAL_PER_STAGE: True`` (yaml) or ``model.output_all_stages=True``
+(LazyConfig) so the model returns "stage_instances". One factory for both config systems:
+:func:`build_sparse_rcnn_evaluator` is ``@configurable``."""
 
 import os
 from collections import OrderedDict
