@@ -31,6 +31,7 @@ setup(
         "opencv-python-headless",
         "omegaconf",  # LazyConfig configs
         "tabulate",  # sparse_rcnn.report
+        "safetensors",  # MODEL.WEIGHTS *.safetensors (sparse_rcnn.checkpoint)
     ],
     # Detectron2's ViT blocks (configs/sparse_rcnn_vitdet_*.py) and Swin's drop path import timm.
     extras_require={"transformers": ["timm"]},

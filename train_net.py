@@ -18,6 +18,7 @@ and the config's evaluator). docs/configs.md lists the features and the keys of 
 import logging
 
 from detectron2.engine import default_argument_parser, default_setup, launch
+
 from sparse_rcnn.config_loader import config_reader, load_config, require_keys
 from sparse_rcnn.distributed import cpu_threads_per_process, enable_cpu_distributed_training
 from sparse_rcnn.runtime import check_amp_device, setup_process_runtime

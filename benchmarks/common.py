@@ -28,9 +28,8 @@ from torch.utils.benchmark import Measurement, Timer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-# The small model of the training-step benchmarks: the quick CPU config (ResNet-18 FPN, 128-d head,
-# 50 proposals, 128-px images) with the paper's 6 iterative stages (the config itself trains 3 to
-# fit its 10-minute budget); the targets of the benchmark issue refer to this 6-stage model.
+# The small model of the training-step benchmarks and their targets: the quick CPU config (R-18 FPN,
+# 128-d head, 50 proposals, 128-px images) with the paper's 6 stages (the config trains 3).
 SMALL_MODEL_CONFIG = "sparse_rcnn_quick_cpu.yaml"
 SMALL_MODEL_OPTS = ["MODEL.SPARSE_RCNN.NUM_STAGES", 6]
 
@@ -114,17 +113,15 @@ class Recorder:
 
 def cpu_model() -> str:
     """The CPU's model name, family and model (``/proc/cpuinfo``; ``platform.processor()``
-    elsewhere): sessions run on different machines, and ratios between runtimes depend on it."""
-    info = {}
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    if "model name" in info:
-        return f"{info['model name']} (family {info.get('cpu family')}, model {info.get('model')})"
+    elsewhere): ratios between runtimes depend on the CPU."""
     import platform
 
+    info = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for key, _, value in (line.partition(":") for line in f):
+            info.setdefault(key.strip(), value.strip())
+    if "model name" in info:
+        return f"{info['model name']} (family {info.get('cpu family')}, model {info.get('model')})"
     return platform.processor() or "unknown"
 
 

@@ -11,7 +11,7 @@ largest score and box differences over all images, the images that differ, and e
 median time per image (same threads).
 
 Usage (the quick model, trained by ``python train_net.py --config-file
-configs/sparse_rcnn_quick_cpu.yaml``, exported by the README's export command):
+configs/sparse_rcnn_quick_cpu.yaml``, exported by the command in docs/deployment.md):
     python benchmarks/compare_predictors.py --config-file configs/sparse_rcnn_quick_cpu.yaml \\
         --onnx out/model.onnx --num-images 40 MODEL.WEIGHTS output/quick_cpu/model_final.pth
 """
@@ -40,17 +40,17 @@ def main():
     args, device, rec = common.parse_args(parser, "export_trained.jsonl", min_run_time=0.0)
 
     from detectron2.data import DatasetCatalog
-    from detectron2.engine import DefaultPredictor
 
     from sparse_rcnn.builtin_datasets import prepare_builtin_dataset
     from sparse_rcnn.config import get_sparse_rcnn_cfg
     from sparse_rcnn.export import _max_difference
     from sparse_rcnn.onnx_predictor import ONNXRuntimePredictor
+    from sparse_rcnn.predictor import SparseRCNNPredictor  # DefaultPredictor, loading weights-only
 
     cfg = get_sparse_rcnn_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", str(device)])
     prepare_builtin_dataset(args.dataset)
     records = DatasetCatalog.get(args.dataset)[: args.num_images]
-    eager = DefaultPredictor(cfg)
+    eager = SparseRCNNPredictor(cfg)
     exported = ONNXRuntimePredictor(args.onnx, num_threads=args.threads)
 
     def detections(instances):

@@ -1,5 +1,5 @@
-# The main job as a LazyConfig (twin of sparse_rcnn_quick_cpu.yaml, whose comments give the reasons
-# and measurements): from scratch on the built-in synthetic dataset on CPU, a ResNet-18 FPN (BN), a
+# The quick CPU model as a LazyConfig (twin of sparse_rcnn_quick_cpu.yaml, whose comments give the
+# reasons): from scratch on the built-in synthetic dataset on CPU, a ResNet-18 FPN (BN), a
 # 128-d head, 50 grid-initialised proposals, 3 stages, cosine LR 6e-4 over 1300 iterations.
 #   python train_net.py --config-file configs/sparse_rcnn_quick_cpu.py
 from detectron2.config import LazyCall as L

@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIG_DIR, REPO_ROOT, TINY_CONFIG, make_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, detection_utils
 from detectron2.engine import default_argument_parser
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 
+from conftest import CONFIG_DIR, REPO_ROOT, TINY_CONFIG, make_cfg
 from sparse_rcnn import SparseRCNNDatasetMapper
 from sparse_rcnn.crowdhuman import load_crowdhuman_odgt, register_crowdhuman
 from sparse_rcnn.crowdhuman_evaluation import (
@@ -26,8 +26,7 @@ from sparse_rcnn.crowdhuman_evaluation import (
     crowdhuman_metrics,
     match_image,
 )
-from sparse_rcnn.evaluation import build_sparse_rcnn_evaluator
-from sparse_rcnn.evaluation import PerStageEvaluator
+from sparse_rcnn.evaluation import PerStageEvaluator, build_sparse_rcnn_evaluator
 
 CROWDHUMAN_CONFIG = CONFIG_DIR / "sparse_rcnn_R_50_FPN_500pro_crowdhuman.yaml"
 

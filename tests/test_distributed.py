@@ -18,10 +18,11 @@ import os
 
 import pytest
 import torch
-from conftest import build_tiny_model, make_cfg
 from detectron2.engine import defaults, launch
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
+
+from conftest import build_tiny_model, make_cfg
 from sparse_rcnn.criterion import SetCriterion
 from sparse_rcnn.distributed import (
     apply_cpu_threads,

@@ -1,4 +1,9 @@
-"""Export to TorchScript and ONNX (sparse_rcnn.export) and the ONNX Runtime predictor.
+"""Export to ONNX, torch.export (.pt2) and TorchScript (sparse_rcnn.export) and the ONNX Runtime
+predictor.
+
+ONNX goes through the torch.export-based exporter where torch has it (current torch) and through
+the TorchScript-based one elsewhere (the pinned torch 2.3); the ``.pt2`` format needs torch >= 2.5,
+so its tests are skipped on the pinned stack and run on the current one.
 
 Every model is exported once (module fixtures) at the export size and then compared with eager
 inference at two other sizes and on an image where nothing passes the score threshold.
@@ -21,13 +26,18 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import CONFIG_DIR, TINY_CONFIG, make_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
+from conftest import CONFIG_DIR, TINY_CONFIG, make_cfg
 from sparse_rcnn import export as sparse_export
 from sparse_rcnn.onnx_predictor import INPUT_NAME, OUTPUT_NAMES, ONNXRuntimePredictor
+
+HAS_TORCH_EXPORT = getattr(torch.compiler, "is_exporting", None) is not None
+needs_torch_export = pytest.mark.skipif(
+    not HAS_TORCH_EXPORT, reason=f"torch {torch.__version__}: --format torch_export needs >= 2.5"
+)
 
 EXPORT_SIZE = (128, 160)
 CANDIDATE_SIZES = [(96, 200), (160, 128), (112, 144)]
@@ -105,9 +115,16 @@ class Exported:
         self.settings = sparse_export.export_settings(self.cfg)
         self.ts_path = str(tmp_dir / f"{name}.ts")
         self.onnx_path = str(tmp_dir / f"{name}.onnx")
+        self.pt2_path = str(tmp_dir / f"{name}.pt2")
         self.traced = sparse_export.export_torchscript(
             self.model, self.export_image, self.ts_path, self.settings
         )
+        self.program = None
+        if HAS_TORCH_EXPORT:
+            sparse_export.export_torch_export(
+                self.model, self.export_image, self.pt2_path, self.settings
+            )
+            self.program = torch.export.load(self.pt2_path).module()  # as a user loads it
         sparse_export.export_onnx(self.model, self.export_image, self.onnx_path, self.settings)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1
@@ -155,6 +172,43 @@ def test_torchscript_matches_eager(exported):
         torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
 
 
+@needs_torch_export
+def test_torch_export_program_matches_eager(exported):
+    for image in [exported.export_image] + exported.images:
+        expected = eager(exported.model, image)
+        assert image is exported.export_image or 0 < len(expected[1])
+        with torch.no_grad():
+            actual = exported.program(image)
+        assert_same_detections(expected, actual, 1e-5, 1e-5 * 256)
+
+
+@needs_torch_export
+def test_torch_export_program_when_nothing_passes_the_threshold(exported):
+    assert len(eager(exported.model, exported.empty_image)[1]) == 0
+    with torch.no_grad():
+        boxes, scores, classes = exported.program(exported.empty_image)
+    assert boxes.shape == (0, 4) and scores.shape == (0,) and classes.dtype == torch.int64
+
+
+@needs_torch_export
+def test_torch_export_file_carries_the_settings(exported):
+    files = {sparse_export.SETTINGS_FILE: ""}
+    torch.export.load(exported.pt2_path, extra_files=files)
+    assert json.loads(files[sparse_export.SETTINGS_FILE]) == exported.settings
+
+
+def test_onnx_file_records_the_exporter_it_came_from(exported):
+    """torch.export-based (opset 18) where torch has that exporter, TorchScript-based (opset 17)
+    on older torch."""
+    meta = exported.session.get_modelmeta().custom_metadata_map
+    dynamo = sparse_export.has_dynamo_onnx_exporter()
+    assert meta["opset"] == str(18 if dynamo else 17)
+    import onnx
+
+    opsets = {o.domain: o.version for o in onnx.load(exported.onnx_path).opset_import}
+    assert opsets[""] == int(meta["opset"])
+
+
 def test_onnx_matches_eager_at_other_sizes(exported):
     num_proposals = exported.cfg.MODEL.SPARSE_RCNN.NUM_PROPOSALS
     for image in exported.images:
@@ -197,8 +251,13 @@ torch.set_num_threads(1)
 traced = torch.jit.load(sys.argv[2])
 with torch.no_grad():
     ts_out = [t.numpy() for t in traced(torch.from_numpy(image))]
+pt2_out = []
+if sys.argv[5] != "-":
+    program = torch.export.load(sys.argv[5]).module()
+    with torch.no_grad():
+        pt2_out = [t.numpy() for t in program(torch.from_numpy(image))]
 assert not any(m.startswith(("sparse_rcnn", "detectron2")) for m in sys.modules), "model code"
-np.savez(sys.argv[4], *onnx_out, *ts_out)
+np.savez(sys.argv[4], *onnx_out, *ts_out, *pt2_out)
 """
 
 
@@ -208,7 +267,8 @@ def test_exported_files_load_and_run_in_a_fresh_process(tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no sparse_rcnn on the path
     subprocess.run(
         [sys.executable, "-c", _FRESH_PROCESS, tiny.onnx_path, tiny.ts_path]
-        + [str(tmp_path / "image.npy"), str(tmp_path / "out.npz")],
+        + [str(tmp_path / "image.npy"), str(tmp_path / "out.npz")]
+        + [tiny.pt2_path if HAS_TORCH_EXPORT else "-"],
         check=True,
         cwd=tmp_path,
         env=env,
@@ -219,6 +279,9 @@ def test_exported_files_load_and_run_in_a_fresh_process(tiny, tmp_path):
     expected = eager(tiny.model, image)
     assert_same_detections(expected, onnx_out, 1e-4, 1e-3)
     assert_same_detections(expected, ts_out, 1e-5, 1e-5 * 256)
+    if HAS_TORCH_EXPORT:
+        pt2_out = [out[f"arr_{i}"] for i in range(6, 9)]
+        assert_same_detections(expected, pt2_out, 1e-5, 1e-5 * 256)
 
 
 def test_onnx_predictor_matches_default_predictor(tiny, tmp_path):
@@ -249,6 +312,21 @@ def _write_sample_image(path):
     rng = np.random.default_rng(1)
     cv2.imwrite(str(path), rng.integers(0, 256, size=(100, 140, 3), dtype=np.uint8))
     return str(path)
+
+
+@needs_torch_export
+def test_export_command_writes_a_torch_export_program(tmp_path, capsys):
+    sample = _write_sample_image(tmp_path / "sample.png")
+    args = ["--config-file", str(TINY_CONFIG), "--sample-image", sample, "--format", "torch_export"]
+    path = sparse_export.main(
+        args + ["--output", str(tmp_path), "MODEL.SPARSE_RCNN.NUM_STAGES", "1"]
+    )
+    assert path == str(tmp_path / "model.pt2")
+    printed = capsys.readouterr().out
+    assert "checked at the size" in printed and "torch.export.load" in printed
+    files = {sparse_export.SETTINGS_FILE: ""}
+    torch.export.load(path, extra_files=files)
+    assert json.loads(files[sparse_export.SETTINGS_FILE])["min_size_test"] == "128"
 
 
 def test_export_command_writes_a_file_that_the_demo_runs(tmp_path, capsys):
@@ -395,9 +473,9 @@ def test_scripting_is_refused_with_a_message(tmp_path):
 
 
 def test_torchscript_file_carries_the_settings(exported):
-    files = {"sparse_rcnn.json": ""}
+    files = {sparse_export.SETTINGS_FILE: ""}
     torch.jit.load(exported.ts_path, _extra_files=files)
-    assert json.loads(files["sparse_rcnn.json"]) == exported.settings
+    assert json.loads(files[sparse_export.SETTINGS_FILE]) == exported.settings
 
 
 # Detectron2's and torchvision's asserts on traced sizes; the trace is checked at other boxes.

@@ -4,9 +4,10 @@ gradients and changes) and run inference on the CPU."""
 
 import pytest
 import torch
-from conftest import CONFIG_DIR
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
+
+from conftest import CONFIG_DIR
 
 SMALL_HEAD = [
     "model.num_classes=3",

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIG_DIR, REPO_ROOT, make_cfg, registered_synthetic_shapes
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import transforms as T
 from detectron2.engine import default_argument_parser
@@ -18,6 +17,7 @@ from detectron2.solver import build_lr_scheduler
 from detectron2.structures import Boxes, Instances
 from omegaconf import ListConfig
 
+from conftest import CONFIG_DIR, REPO_ROOT, make_cfg, registered_synthetic_shapes
 from sparse_rcnn import SparseRCNNDatasetMapper, build_optimizer
 
 sys.path.insert(0, str(REPO_ROOT))
@@ -102,7 +102,7 @@ def settings(model):
 
 
 def test_official_parameter_counts():
-    # The counts of the official models (tests/data/official_keys; README), through LazyConfig.
+    # The counts of the official models (tests/data/official_keys; docs/configs.md), via LazyConfig.
     expected = {
         "sparse_rcnn_R_50_FPN_100pro_3x": 106237768,
         "sparse_rcnn_R_50_FPN_300pro_crop_3x": 106289768,

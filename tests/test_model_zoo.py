@@ -6,9 +6,9 @@ from pathlib import Path
 import detectron2
 import pytest
 import torch
-from conftest import CONFIG_DIR
 from detectron2.config import CfgNode, LazyConfig
 
+from conftest import CONFIG_DIR
 from sparse_rcnn import model_zoo
 
 # Read as a file: importing detectron2.model_zoo needs pkg_resources, which recent setuptools lack.

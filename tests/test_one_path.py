@@ -17,12 +17,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIG_DIR, REPO_ROOT, registered_synthetic_shapes
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.utils.events import EventStorage
 
+from conftest import CONFIG_DIR, REPO_ROOT, registered_synthetic_shapes
 from sparse_rcnn import model_zoo
 from sparse_rcnn.checkpoint import CorruptCheckpointError
 from sparse_rcnn.config_loader import config_reader, load_config

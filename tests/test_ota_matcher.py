@@ -12,6 +12,9 @@ from sparse_rcnn.criterion import SetCriterion, build_criterion
 from sparse_rcnn.matcher import HungarianMatcher, build_matcher
 from sparse_rcnn.ota import (
     OTAMatcher,
+    _logsumexp,
+    _sinkhorn_log,
+    _sinkhorn_scaling,
     assign_by_plan,
     cap_units,
     dynamic_k_estimate,
@@ -21,7 +24,6 @@ from sparse_rcnn.ota import (
     sinkhorn,
     unit_increase_offset,
 )
-from sparse_rcnn.ota import _logsumexp, _sinkhorn_log, _sinkhorn_scaling
 
 
 def random_inputs(num_images, num_preds, num_gts, num_classes=3, seed=0, clustered=False):

@@ -97,3 +97,55 @@ def test_non_editable_install_works_outside_the_repository(tmp_path):
     assert all(Path(f).is_file() for f in report["mapped_files"])  # read by the mapper
     assert all(shape[0] == 3 and min(shape[1:]) >= 112 for shape in report["image_shapes"])
     assert report["new_files_in_site"] == []
+
+
+def test_detectron2_installer_copies_the_python_package_without_its_compiled_extension(tmp_path):
+    """tools/install_detectron2.py (the current stack's Detectron2, and what a GPU run carries):
+    every file of the wheel's ``detectron2/`` lands under the target, the compiled ``_C`` and
+    the wheel's metadata do not, and a second run over the same target is harmless."""
+    import zipfile
+
+    wheel = tmp_path / "sal_detectron2-0.7.2-cp310-none-any.whl"
+    members = {
+        "detectron2/__init__.py": "__version__ = '0.7.2'\n",
+        "detectron2/layers/__init__.py": "from .wrappers import cat\n",
+        "detectron2/layers/wrappers.py": "def cat(x):\n    return x\n",
+        "detectron2/model_zoo/configs/Base-RCNN-FPN.yaml": "MODEL: {}\n",
+        "detectron2/_C.cpython-310-x86_64-linux-gnu.so": "\x7fELF",
+        "sal_detectron2-0.7.2.dist-info/METADATA": "Name: sal-detectron2\n",
+        "tools/train_net.py": "",
+    }
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    site = tmp_path / "site"
+    command = [sys.executable, str(REPO_ROOT / "tools" / "install_detectron2.py")]
+    command += ["--wheel", str(wheel), "--target", str(site)]
+    for _ in range(2):
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+    installed = sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file())
+    assert installed == sorted(n for n in members if n.startswith("detectron2/") and "_C." not in n)
+    assert (site / "detectron2" / "layers" / "wrappers.py").read_text() == members[
+        "detectron2/layers/wrappers.py"
+    ]
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import detectron2.layers as l; print(l.cat(3))"],
+        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert result.stdout.strip() == "3", result.stderr
+
+
+def test_deprecation_warnings_from_our_code_fail_the_suite():
+    """tests/conftest.py turns FutureWarning and DeprecationWarning raised from sparse_rcnn's
+    modules into errors (on the current stack, torch deprecates what the pinned one offers);
+    warnings of other packages stay warnings."""
+    import warnings
+
+    import pytest
+
+    for category in (FutureWarning, DeprecationWarning):
+        with pytest.raises(category):
+            warnings.warn_explicit("old API", category, "export.py", 1, module="sparse_rcnn.export")
+        with pytest.warns(category):
+            warnings.warn_explicit("theirs", category, "x.py", 1, module="fvcore.nn.focal_loss")

@@ -17,6 +17,7 @@ import re
 
 import pytest
 import torch
+
 from conftest import PARITY_DIR, make_cfg
 
 PARITY_CONFIG = PARITY_DIR / "sparse_rcnn_parity_tiny.yaml"

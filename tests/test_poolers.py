@@ -315,8 +315,9 @@ def test_drop_in_for_the_head():
     rounding to ~1e-3 relative gradient differences (stock float32 vs stock float64 differ by as
     much), so only the losses are compared in float32.
     """
-    from conftest import build_tiny_model
     from detectron2.structures import Instances
+
+    from conftest import build_tiny_model
 
     model = build_tiny_model()
     model.train()

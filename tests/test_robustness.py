@@ -15,6 +15,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser, defaults
+from detectron2.utils.events import EventStorage
+
 from conftest import (
     CONFIG_DIR,
     REPO_ROOT,
@@ -23,13 +27,14 @@ from conftest import (
     make_cfg,
     registered_synthetic_shapes,
 )
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import default_argument_parser, defaults
-from detectron2.utils.events import EventStorage
-from sparse_rcnn import checkpoint, dataset_checks
-from sparse_rcnn import demo as demo_module
-from sparse_rcnn import distributed, solver
-from sparse_rcnn import trainer as trainer_module
+from sparse_rcnn import (
+    checkpoint,
+    dataset_checks,
+    demo as demo_module,
+    distributed,
+    solver,
+    trainer as trainer_module,
+)
 from sparse_rcnn.checkpoint import load_model_weights
 from sparse_rcnn.data_loaders import build_sparse_rcnn_train_loader
 from sparse_rcnn.dataset_mapper import SparseRCNNDatasetMapper

@@ -9,13 +9,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_CONFIG, registered_synthetic_shapes
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, default_argument_parser
 
-from sparse_rcnn.demo import draw_predictions, f1_optimal_threshold
-from sparse_rcnn.demo import main as demo_main
-from sparse_rcnn.demo import setup_cfg
+from conftest import REPO_ROOT, TINY_CONFIG, registered_synthetic_shapes
+from sparse_rcnn.demo import draw_predictions, f1_optimal_threshold, main as demo_main, setup_cfg
 
 sys.path.insert(0, str(REPO_ROOT))
 import train_net  # noqa: E402

@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_CONFIG, build_tiny_model, make_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, default_argument_parser
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import nn
 
+from conftest import REPO_ROOT, TINY_CONFIG, build_tiny_model, make_cfg
 from sparse_rcnn import register_synthetic_shapes
 from sparse_rcnn.test_time_augmentation import (
     OFFICIAL_MIN_SIZES,

@@ -15,6 +15,6 @@ train = dict(
     checkpointer=dict(period=10000, max_to_keep=100),
     eval_period=7330,  # about one COCO epoch at 16 images per step
     log_period=20,
-    device="cuda",  # train_net.py falls back to the CPU when no CUDA device is there
+    device="cuda",  # without CUDA train_net.py stops with an error: set train.device=cpu
     seed=40244023,
 )

@@ -219,8 +219,9 @@ class ConfigReader:
         raise NotImplementedError
 
     def build_predictor(self):
-        """A ``DefaultPredictor`` (BGR image in, ``{"instances"}`` out) of the config's model and
-        weights, with the config's test resize and input format."""
+        """A ``SparseRCNNPredictor`` (Detectron2's ``DefaultPredictor``: BGR image in,
+        ``{"instances"}`` out) of the config's model and weights (loaded weights-only, and they must
+        fit the model), with the config's test resize and input format."""
         raise NotImplementedError
 
 
@@ -338,9 +339,9 @@ class YamlConfigReader(ConfigReader):
         return SparseRCNNWithTTA(self.cfg, model)
 
     def build_predictor(self):
-        from detectron2.engine import DefaultPredictor
+        from .predictor import SparseRCNNPredictor
 
-        return DefaultPredictor(self.cfg)
+        return SparseRCNNPredictor(self.cfg)
 
 
 def _get(node, dotted: str, default=None):
@@ -478,16 +479,17 @@ class LazyConfigReader(ConfigReader):
         return _instantiate_with(node, model=model)
 
     def build_predictor(self):
-        from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.data import MetadataCatalog
-        from detectron2.engine import DefaultPredictor
+
+        from .checkpoint import load_inference_weights
+        from .predictor import SparseRCNNPredictor
 
         mapper = self.cfg.dataloader.test.mapper
-        predictor = DefaultPredictor.__new__(DefaultPredictor)  # its __init__ reads yaml keys
+        predictor = SparseRCNNPredictor.__new__(SparseRCNNPredictor)  # __init__ reads yaml keys
         # DefaultPredictor.__call__ reads cfg.MODEL.DEVICE only.
         predictor.cfg = CfgNode({"MODEL": {"DEVICE": self.device}})
         predictor.model = self.build_model().eval()
-        DetectionCheckpointer(predictor.model).load(self.weights)
+        load_inference_weights(predictor.model, self.weights, key=self.keys["weights"])
         predictor.aug = _single_resize(
             instantiate(mapper.augmentations), "dataloader.test.mapper.augmentations"
         )

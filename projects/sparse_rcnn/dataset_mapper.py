@@ -14,8 +14,7 @@ import math
 from typing import List, Optional, Sequence
 
 from detectron2.config import configurable
-from detectron2.data import DatasetMapper
-from detectron2.data import transforms as T
+from detectron2.data import DatasetMapper, transforms as T
 from detectron2.structures import BoxMode
 
 from .config import CROP_RESIZE_SIZES

@@ -41,7 +41,6 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.visualizer import Visualizer
 
 from .builtin_datasets import prepare_builtin_dataset
-from .checkpoint import check_weights_file, explain_checkpoint_errors
 from .config_loader import config_reader, load_config
 from .runtime import setup_package_logger
 from .visualization import draw_prediction_beside_ground_truth, ground_truth
@@ -260,9 +259,8 @@ def main(argv=None):
                 f"detections mean nothing. Add --opts {run.option('weights', 'path/to/model.pth')}"
                 " (e.g. output/demo_cpu/model_final.pth after `make demo`)."
             )
-        check_weights_file(run.weights)
-        with explain_checkpoint_errors(run.weights):
-            predictor = run.build_predictor()
+        # SparseRCNNPredictor: weights-only; weights that do not fit the model are an error.
+        predictor = run.build_predictor()
     test_datasets = run.test_dataset_names
     dataset = test_datasets[0] if test_datasets else "__unused"
     metadata = MetadataCatalog.get(dataset)

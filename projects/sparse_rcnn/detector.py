@@ -9,15 +9,17 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import batched_nms, shapes_to_tensor
+from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
+from torch.nn import functional as F
 from torchvision.ops import nms
 
 from .criterion import build_criterion, prepare_targets
 from .head import build_sparse_rcnn_head
 from .proposals import build_proposal_generator
+from .tracing import is_exporting, is_tracing, sizes_to_tensor
 
 __all__ = ["SparseRCNN", "OFFICIAL_KEY_RENAMES"]
 
@@ -137,14 +139,17 @@ class SparseRCNN(nn.Module):
             image = x["image"]
             # Checked in eager mode only: while tracing, sizes are tensors, and a Python test on
             # them would freeze them into the trace.
-            if not torch.jit.is_tracing():
+            if not is_tracing():
                 self._check_image(image, i)
             images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
-        images = ImageList.from_tensors(
-            images,
-            self.backbone.size_divisibility,
-            padding_constraints=self.backbone.padding_constraints,
-        )
+        if is_exporting() and len(images) == 1:
+            images = _pad_symbolic(images[0], self.backbone.size_divisibility)
+        else:
+            images = ImageList.from_tensors(
+                images,
+                self.backbone.size_divisibility,
+                padding_constraints=self.backbone.padding_constraints,
+            )
         return images, _image_whwh(images.image_sizes, self.device)
 
     def _check_image(self, image: torch.Tensor, index: int) -> None:
@@ -256,29 +261,45 @@ class SparseRCNN(nn.Module):
         Returns:
             B Instances of ``image_size`` (h, w) with pred_boxes, scores, pred_classes.
         """
-        num_proposals = box_cls.shape[1]
-        scores = torch.sigmoid(box_cls.float()).flatten(1)  # (B, N * K)
         results = []
-        for scores_per_image, boxes_per_image, image_size in zip(scores, box_pred, image_sizes):
-            topk_scores, topk_indices = scores_per_image.topk(num_proposals)
-            proposal_idx = topk_indices // self.num_classes
-            classes = topk_indices % self.num_classes
-            boxes = boxes_per_image[proposal_idx].float()
-            keep = topk_scores > self.score_thresh_test
-            topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
-            if self.nms_thresh_test is not None:
-                # Clip first (as Detectron2's own inference does) so that NMS sees the final boxes:
-                # Boxes.clip's clamp(0, w) / clamp(0, h), with the size as a tensor (traceable).
-                image_whwh = _image_whwh([image_size], boxes.device)
-                boxes = torch.min(boxes.clamp(min=0), image_whwh)
-                keep = _batched_nms(boxes, topk_scores, classes, self.nms_thresh_test)
-                topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
+        for logits, boxes, image_size in zip(box_cls, box_pred, image_sizes):
+            boxes, scores, classes = self.select_detections(logits, boxes, image_size)
             result = Instances(image_size)
             result.pred_boxes = Boxes(boxes)
-            result.scores = topk_scores
+            result.scores = scores
             result.pred_classes = classes
             results.append(result)
         return results
+
+    def select_detections(
+        self, logits: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image's detections as tensors (what :meth:`topk_detections` puts into Instances,
+        and what an exported graph returns).
+
+        Args:
+            logits: (N, K) class logits; boxes: (N, 4) xyxy pixels.
+            image_size: unpadded (h, w) of the image.
+
+        Returns:
+            boxes (D, 4) float32, scores (D,), classes (D,) int64, score descending, D <= N.
+        """
+        num_proposals = logits.shape[0]
+        scores = torch.sigmoid(logits.float()).flatten()  # (N * K,)
+        topk_scores, topk_indices = scores.topk(num_proposals)
+        proposal_idx = topk_indices // self.num_classes
+        classes = topk_indices % self.num_classes
+        boxes = boxes[proposal_idx].float()
+        keep = topk_scores > self.score_thresh_test
+        topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
+        if self.nms_thresh_test is not None:
+            # Clip first (as Detectron2's own inference does) so that NMS sees the final boxes:
+            # Boxes.clip's clamp(0, w) / clamp(0, h), with the size as a tensor (traceable).
+            image_whwh = _image_whwh([image_size], boxes.device)
+            boxes = torch.min(boxes.clamp(min=0), image_whwh)
+            keep = _batched_nms(boxes, topk_scores, classes, self.nms_thresh_test)
+            topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
+        return boxes, topk_scores, classes
 
     @staticmethod
     def _postprocess(
@@ -295,21 +316,31 @@ class SparseRCNN(nn.Module):
 
 def _image_whwh(image_sizes, device) -> torch.Tensor:
     """(B, 4) float32 (w, h, w, h) of the (h, w) ``image_sizes``: Python ints in eager mode, 0-dim
-    tensors while tracing (``shapes_to_tensor`` keeps them traced instead of freezing them)."""
-    return torch.stack([shapes_to_tensor([w, h, w, h], device) for h, w in image_sizes]).to(
-        dtype=torch.float32, device=device
-    )
+    tensors or symbolic ints in a trace or export (kept tied to the input, not frozen)."""
+    return torch.stack([sizes_to_tensor([w, h, w, h], device) for h, w in image_sizes])
+
+
+def _pad_symbolic(image: torch.Tensor, size_divisibility: int) -> ImageList:
+    """``ImageList.from_tensors([image], size_divisibility)`` for ``torch.export``: the padded
+    size by integer arithmetic on the (symbolic) shape, which ``from_tensors`` turns into a tensor
+    and so freezes."""
+    height, width = image.shape[-2:]
+    stride = max(int(size_divisibility), 1)
+    padded_h = (height + stride - 1) // stride * stride
+    padded_w = (width + stride - 1) // stride * stride
+    padded = F.pad(image, [0, padded_w - width, 0, padded_h - height], value=0.0)
+    return ImageList(padded[None], [(height, width)])
 
 
 def _batched_nms(
     boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float
 ) -> torch.Tensor:
-    """Class-aware NMS: Detectron2's ``batched_nms`` in eager mode; while tracing, the same
-    coordinate trick that torchvision's ``batched_nms`` uses for fewer than 1000 boxes, written
+    """Class-aware NMS: Detectron2's ``batched_nms`` in eager mode; while tracing or exporting, the
+    same coordinate trick that torchvision's ``batched_nms`` uses for fewer than 1000 boxes, written
     without its ``if boxes.numel() == 0`` (which a trace would freeze). The boxes are clipped
     (>= 0), so padding the maximum with a 0 leaves it unchanged and makes it defined for no boxes.
     """
-    if not torch.jit.is_tracing():
+    if not is_tracing():
         return batched_nms(boxes, scores, classes, iou_threshold)
     boxes = boxes.float()
     max_coordinate = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()

@@ -17,6 +17,7 @@ from torch import nn
 
 from .head import pooled_feature_names
 from .proposals import SPARSE_RCNN_PROPOSAL_REGISTRY, initial_proposal_boxes, scale_proposal_boxes
+from .tracing import is_tracing
 
 __all__ = ["DynamicProposalGenerator", "annealed_temperature"]
 
@@ -181,7 +182,7 @@ class DynamicProposalGenerator(nn.Module):
                 x = conv(x)
                 # While tracing, always resize (to the same size it is the identity, exactly):
                 # a Python test of the traced sizes would freeze the export size into the graph.
-                if torch.jit.is_tracing() or x.shape[-2:] != level.shape[-2:]:
+                if is_tracing() or x.shape[-2:] != level.shape[-2:]:
                     x = F.interpolate(
                         x, size=level.shape[-2:], mode="bilinear", align_corners=False
                     )

@@ -1,18 +1,29 @@
-"""Export Sparse R-CNN and Dynamic Sparse R-CNN to TorchScript or ONNX, by tracing.
+"""Export Sparse R-CNN and Dynamic Sparse R-CNN to ONNX, ``torch.export`` (``.pt2``) or TorchScript.
 
     python -m sparse_rcnn.export --config-file configs/sparse_rcnn_quick_cpu.yaml --format onnx \\
         --output out/ MODEL.WEIGHTS output/quick_cpu/model_final.pth
     python -m sparse_rcnn.export --config-file configs/sparse_rcnn_quick_cpu.py --format onnx \\
         --output out/ train.init_checkpoint=output/quick_cpu_lazy/model_final.pth
+    python -m sparse_rcnn.export --config-file ... --format torch_export --output out/ ...
 
 A yaml config takes ``KEY VALUE`` options, a LazyConfig (``.py``) ``key=value`` overrides and its
 weights from ``train.init_checkpoint`` (as ``train_net.py --eval-only``); Detectron2's Swin, ViT
 and MViT backbones are refused (:func:`check_backbone_exportable`).
 
-The conventions of Detectron2's ``tools/deploy/export_model.py``: the model is traced through
-``detectron2.export.TracingAdapter`` with an inference function that stops before
-``detector_postprocess`` (:func:`inference_func`); the rescaling to the original image size happens
-outside the graph (``sparse_rcnn.onnx_predictor.ONNXRuntimePredictor`` does it). The graph:
+The conventions of Detectron2's ``tools/deploy/export_model.py``: the graph computes an inference
+function that stops before ``detector_postprocess`` (:func:`inference_func`); the rescaling to the
+original image size happens outside the graph (``sparse_rcnn.onnx_predictor.ONNXRuntimePredictor``
+does it). Two graph makers:
+
+* ``torch.export`` (:func:`export_program`): the ``torch_export`` format (``torch.export.save``,
+  the successor of TorchScript) and, where torch has it (torch >= 2.5 with ``onnxscript``), the
+  ONNX file (``torch.onnx.export(..., dynamo=True)``, opset 18), with the image's height and width
+  as ``dynamic_shapes`` (at least :data:`MIN_EXPORT_SIDE` px; an FPN level of one pixel would
+  broadcast differently);
+* ``torch.jit.trace`` through ``detectron2.export.TracingAdapter``: TorchScript, and the ONNX file
+  on older torch (the TorchScript-based exporter, opset 17, dynamic axes).
+
+The graph:
 
 * input ``image``: one (C, H, W) float32 image in ``INPUT.FORMAT``, already resized (as the test
   augmentation resizes it), of any H and W (ONNX: dynamic axes ``height``, ``width``);
@@ -21,10 +32,11 @@ outside the graph (``sparse_rcnn.onnx_predictor.ONNXRuntimePredictor`` does it).
   and, for Dynamic Sparse R-CNN, class-aware NMS (D <= k). Boxes are clipped only where NMS needs
   it, as in eager inference.
 
-Tracing runs the exportable paths of the model (the same numbers as eager within float rounding):
+Both run the exportable paths of the model (the same numbers as eager within float rounding):
 Detectron2's ROIPooler instead of FastROIPooler's CPU kernel, the attention without PyTorch's MHA
 fast path, no reused dynamic-parameter buffer. RoIAlign with ``aligned=True`` (ROIAlignV2) needs
-ONNX opset >= 16; we write opset 17 (LayerNormalization is a single op from 17 on).
+ONNX opset >= 16; we write opset 17 with the TorchScript-based exporter (LayerNormalization is a
+single op from 17 on) and 18, its lowest opset, with the ``torch.export``-based one.
 """
 
 import argparse
@@ -38,18 +50,21 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, instantiate
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.export import TracingAdapter
 from torch import nn
 
+from .checkpoint import load_inference_weights
 from .config_loader import config_reader, load_config
 from .onnx_predictor import INPUT_NAME, OUTPUT_NAMES
 
 __all__ = [
     "check_backbone_exportable",
+    "export_program",
+    "export_torch_export",
+    "has_dynamo_onnx_exporter",
     "check_exportable",
     "export_onnx",
     "export_torchscript",
@@ -65,8 +80,22 @@ __all__ = [
 # Named, not __name__: run as `python -m sparse_rcnn.export` the module is "__main__".
 logger = logging.getLogger("sparse_rcnn.export")
 
-ONNX_OPSET = 17
-FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}
+ONNX_OPSET = 17  # the TorchScript-based ONNX exporter's
+DYNAMO_ONNX_OPSET = 18  # the torch.export-based ONNX exporter's (its lowest)
+FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx", "torch_export": "model.pt2"}
+# Settings stored in TorchScript and torch.export files (ONNX files keep them as metadata).
+SETTINGS_FILE = "sparse_rcnn.json"
+
+
+class _InferenceModule(nn.Module):
+    """:func:`inference_func` as a module with one tensor input, for ``torch.export``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return inference_func(self.model, image)
 
 
 def inference_func(model: nn.Module, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -79,8 +108,15 @@ def inference_func(model: nn.Module, image: torch.Tensor) -> Tuple[torch.Tensor,
     Returns:
         boxes (D, 4) xyxy pixels of ``image``, scores (D,), classes (D,) int64.
     """
-    instances = model.inference([{"image": image}], do_postprocess=False)[0]
-    return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
+    # model.inference([{"image": image}], do_postprocess=False) as tensors: no Boxes/Instances,
+    # whose checks on the number of detections torch.export cannot decide.
+    images, image_whwh = model.preprocess_image([{"image": image}])
+    features, proposal_boxes, proposal_features = model._features_and_proposals(images, image_whwh)
+    last = model.head.num_stages - 1
+    outputs = model.head(features, proposal_boxes, proposal_features, [last])[-1]
+    return model.select_detections(
+        outputs["pred_logits"][0], outputs["pred_boxes"][0], images.image_sizes[0]
+    )
 
 
 def check_exportable(cfg) -> None:
@@ -181,7 +217,6 @@ def export_settings(cfg) -> Dict[str, str]:
         "score_thresh_test": repr(float(score_thresh)),
         "nms_thresh_test": "none" if nms_thresh is None else repr(float(nms_thresh)),
         "num_classes": str(num_classes),
-        "opset": str(ONNX_OPSET),
     }
 
 
@@ -238,42 +273,173 @@ def export_torchscript(
     ``import torchvision`` first (RoIAlign and NMS are torchvision ops), no model code. The
     settings go into the extra file ``sparse_rcnn.json``.
     """
-    with exporting(model):
+    with exporting(model), _torchscript_deprecation_noted():
         adapter = TracingAdapter(model, image, inference_func)
         traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
-    extra = {"sparse_rcnn.json": json.dumps(settings or {})}
-    torch.jit.save(traced, path, _extra_files=extra)
+        torch.jit.save(traced, path, _extra_files={SETTINGS_FILE: json.dumps(settings or {})})
     return traced
 
 
-def export_onnx(
+@contextlib.contextmanager
+def _torchscript_deprecation_noted():
+    """Current torch deprecates ``torch.jit.trace``/``save`` with a FutureWarning on every call:
+    say it once in our log, with the successor, instead."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        yield
+    deprecated = [w for w in caught if issubclass(w.category, FutureWarning)]
+    for w in caught:
+        if w not in deprecated:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if deprecated:
+        logger.warning(
+            f"torch {torch.__version__} deprecates TorchScript ({deprecated[0].message}); "
+            "--format torch_export writes its successor, a torch.export program (.pt2)."
+        )
+
+
+def has_dynamo_onnx_exporter() -> bool:
+    """Whether this torch exports ONNX through ``torch.export`` (torch >= 2.5, whose
+    ``torch.onnx.export`` takes ``dynamo=True``, with ``onnxscript`` installed)."""
+    import importlib.util
+    import inspect
+
+    if getattr(torch.compiler, "is_exporting", None) is None:
+        return False
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        return False
+    return importlib.util.find_spec("onnxscript") is not None
+
+
+# The smallest image side (after the test resize) that an exported graph takes: with a 32-px
+# stride an FPN level (P6 of a 64-px side) would have one pixel and broadcast differently.
+MIN_EXPORT_SIDE = 65
+
+
+def export_program(model: nn.Module, image: torch.Tensor) -> "torch.export.ExportedProgram":
+    """``torch.export`` of :func:`inference_func` on ``image``, with its height and width dynamic
+    (at least :data:`MIN_EXPORT_SIDE` px each).
+
+    Needs torch >= 2.5 (``torch.compiler.is_exporting``, which tells the model to take its
+    exportable paths).
+    """
+    if getattr(torch.compiler, "is_exporting", None) is None:
+        raise RuntimeError(
+            f"torch {torch.__version__} cannot export this model with torch.export (it needs "
+            "torch >= 2.5); use --format onnx or --format torchscript."
+        )
+    dims = {
+        1: torch.export.Dim("height", min=MIN_EXPORT_SIDE),
+        2: torch.export.Dim("width", min=MIN_EXPORT_SIDE),
+    }
+    with exporting(model), _nms_keeps_any_number():
+        return torch.export.export(
+            _InferenceModule(model), (image,), dynamic_shapes={"image": dims}, strict=False
+        )
+
+
+@contextlib.contextmanager
+def _nms_keeps_any_number():
+    """torchvision's shape function of ``nms`` declares that it keeps at least 2 boxes (the
+    default ``min=2`` of ``create_unbacked_symint``), so an exported program asserts that at run
+    time and fails on an image with 0 or 1 detections after NMS. For the duration of an export,
+    a shape function with no such bound replaces it (torchvision's is restored afterwards)."""
+    library = torch.library.Library("torchvision", "FRAGMENT")
+
+    def nms_shape(boxes, scores, iou_threshold):
+        kept = torch.library.get_ctx().new_dynamic_size(min=0)
+        return boxes.new_empty(kept, dtype=torch.long)
+
+    torch.library.register_fake("torchvision::nms", nms_shape, lib=library)
+    try:
+        yield
+    finally:
+        library._destroy()
+
+
+def export_torch_export(
     model: nn.Module, image: torch.Tensor, path: str, settings: Optional[Dict[str, str]] = None
+) -> "torch.export.ExportedProgram":
+    """:func:`export_program`, saved with ``torch.export.save`` (settings in the extra file
+    ``sparse_rcnn.json``).
+
+    The file runs with ``torch.export.load(path).module()(image) -> (boxes, scores, classes)``
+    after ``import torchvision`` (RoIAlign and NMS are torchvision ops), no model code.
+    """
+    program = export_program(model, image)
+    torch.export.save(program, path, extra_files={SETTINGS_FILE: json.dumps(settings or {})})
+    return program
+
+
+def export_onnx(
+    model: nn.Module,
+    image: torch.Tensor,
+    path: str,
+    settings: Optional[Dict[str, str]] = None,
+    exporter: Optional[str] = None,
 ) -> None:
-    """Export ``model`` traced on ``image`` (see :func:`inference_func`) to ONNX (opset 17) with
-    dynamic height and width, and store ``settings`` as the file's metadata."""
+    """Export ``model`` on the example ``image`` (see :func:`inference_func`) to ONNX with dynamic
+    height and width, and store ``settings`` as the file's metadata.
+
+    Args:
+        exporter: "dynamo" (``torch.export``-based, opset 18) or "torchscript" (``torch.jit``-
+            based, opset 17); default: "dynamo" where :func:`has_dynamo_onnx_exporter`.
+    """
     import onnx
 
-    with exporting(model):
-        adapter = TracingAdapter(model, image, inference_func)
-        torch.onnx.export(
-            adapter,
-            adapter.flattened_inputs,
-            path,
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={
-                INPUT_NAME: {1: "height", 2: "width"},
-                **{name: {0: "detections"} for name in OUTPUT_NAMES},
-            },
-            opset_version=ONNX_OPSET,
-            do_constant_folding=True,
-        )
+    exporter = exporter or ("dynamo" if has_dynamo_onnx_exporter() else "torchscript")
+    if exporter == "dynamo":
+        program = export_program(model, image)
+        with _quiet_onnx_exporter():
+            torch.onnx.export(
+                program,
+                (image,),
+                path,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                opset_version=DYNAMO_ONNX_OPSET,
+                dynamo=True,
+                external_data=False,
+            )
+    elif exporter == "torchscript":
+        with exporting(model):
+            adapter = TracingAdapter(model, image, inference_func)
+            torch.onnx.export(
+                adapter,
+                adapter.flattened_inputs,
+                path,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes={
+                    INPUT_NAME: {1: "height", 2: "width"},
+                    **{name: {0: "detections"} for name in OUTPUT_NAMES},
+                },
+                opset_version=ONNX_OPSET,
+                do_constant_folding=True,
+                **({"dynamo": False} if has_dynamo_onnx_exporter() else {}),
+            )
+    else:
+        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
     proto = onnx.load(path)
     onnx.checker.check_model(proto)
-    for key, value in (settings or {}).items():
+    opset = DYNAMO_ONNX_OPSET if exporter == "dynamo" else ONNX_OPSET
+    for key, value in {**(settings or {}), "opset": str(opset)}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, path)
+
+
+@contextlib.contextmanager
+def _quiet_onnx_exporter():
+    """The torch.export-based exporter prints its progress (and each constant it does not fold)
+    to stdout: sent to our log at debug level instead."""
+    import io
+
+    stream = io.StringIO()
+    with contextlib.redirect_stdout(stream):
+        yield
+    for line in stream.getvalue().splitlines():
+        logger.debug(line)
 
 
 def setup_cfg(config_file: str, opts: List[str]):
@@ -292,8 +458,9 @@ def setup_model(config_file: str, opts: List[str]) -> Tuple[nn.Module, Dict[str,
 
     A yaml config takes ``KEY VALUE`` options and loads ``MODEL.WEIGHTS``; a LazyConfig (``.py``)
     takes ``key=value`` overrides and loads ``train.init_checkpoint``, as ``train_net.py
-    --eval-only`` does. Unsupported options fail (a ValueError naming them) before any weights are
-    read.
+    --eval-only`` does (weights-only; a checkpoint that leaves the model untrained is an error:
+    ``sparse_rcnn.checkpoint.load_inference_weights``). Unsupported options fail (a ValueError
+    naming them) before any weights are read.
     """
     cfg = setup_cfg(config_file, opts)
     run = config_reader(cfg)
@@ -303,7 +470,7 @@ def setup_model(config_file: str, opts: List[str]) -> Tuple[nn.Module, Dict[str,
     check_backbone_exportable(
         model.backbone, "model.backbone" if run.lazy else "MODEL.BACKBONE.NAME"
     )
-    DetectionCheckpointer(model).load(run.weights)
+    load_inference_weights(model, run.weights, key=run.keys["weights"])
     return model.eval(), settings
 
 
@@ -399,14 +566,16 @@ def verify(model: nn.Module, run_exported, image: torch.Tensor) -> Dict[str, Tup
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Export Sparse R-CNN to TorchScript or ONNX")
+    parser = argparse.ArgumentParser(
+        description="Export Sparse R-CNN to ONNX, torch.export (.pt2) or TorchScript"
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--format", choices=sorted(FORMATS), default="onnx")
     parser.add_argument(
         "--export-method",
         choices=["tracing", "scripting"],
         default="tracing",
-        help="only tracing is supported (scripting: the model's Python structures, see README)",
+        help="only tracing is supported (scripting fails on the model's Python structures)",
     )
     parser.add_argument(
         "--sample-image",
@@ -445,7 +614,20 @@ def export(
     image = sample_input(settings, read_image(sample_image or default_sample_image(), "BGR"))
     os.makedirs(output, exist_ok=True)
     path = os.path.join(output, FORMATS[fmt])
-    if fmt == "torchscript":
+    if fmt == "torch_export":
+        program = export_torch_export(model, image, path, settings).module()
+
+        def run_exported(x):
+            with torch.no_grad():
+                return program(x)
+
+        how = (
+            "import torch, torchvision\n"
+            f"    model = torch.export.load({path!r}).module()\n"
+            "    boxes, scores, classes = model(image)  # (C, H, W) float32, "
+            f"{settings['input_format']}, resized"
+        )
+    elif fmt == "torchscript":
         traced = export_torchscript(model, image, path, settings)
 
         def run_exported(x):

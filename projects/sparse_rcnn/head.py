@@ -18,6 +18,7 @@ from detectron2.utils.registry import Registry
 from torch import nn
 
 from .poolers import FastROIPooler, PreparedFeatures
+from .tracing import is_tracing
 
 SPARSE_RCNN_HEAD_REGISTRY = Registry("SPARSE_RCNN_HEAD")
 SPARSE_RCNN_HEAD_REGISTRY.__doc__ = """
@@ -104,7 +105,7 @@ class DynamicConv(nn.Module):
         Returns:
             (R, C) object features.
         """
-        if torch.jit.is_tracing():
+        if is_tracing():
             # The exported graph computes the two kernels with one GEMM each on the halves of
             # the weight (constants): no Split copying the (R, 2 * C * D) output in the runtime.
             weights = self.dynamic_layer.weight.split(self.num_params)
@@ -119,7 +120,7 @@ class DynamicConv(nn.Module):
         param2 = param2.view(-1, self.dim_dynamic, self.hidden_dim)
         # Without autograd nothing keeps the LayerNorm outputs: apply the ReLUs in place (not
         # while tracing: in-place ops slow the ONNX exporter's passes down, by about 15%).
-        inplace = not torch.is_grad_enabled() and not torch.jit.is_tracing()
+        inplace = not torch.is_grad_enabled() and not is_tracing()
         features = F.relu(self.norm1(torch.bmm(roi_features, param1)), inplace=inplace)
         features = F.relu(self.norm2(torch.bmm(features, param2)), inplace=inplace)
         # Flatten position-major, channel-minor: the official out_layer weights expect this order.

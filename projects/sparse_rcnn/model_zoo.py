@@ -3,7 +3,7 @@
     from sparse_rcnn import model_zoo
     cfg = model_zoo.get_config("sparse_rcnn_R_50_FPN_300pro_crop_3x.py")     # LazyConfig
     cfg = model_zoo.get_config("sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml")   # yacs CfgNode
-    model = model_zoo.get("sparse_rcnn_quick_cpu.py")                       # a built model
+    model = model_zoo.get("sparse_rcnn_quick_cpu.py", weights="model_final.pth")  # eval mode
 
 Names are paths relative to the repository's ``configs/``. An installed package (``pip install .``)
 carries them as package data in ``sparse_rcnn/configs/`` (setup.py maps ``configs/`` there); in a
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 
+from .checkpoint import SafeDetectionCheckpointer, explain_checkpoint_errors, load_inference_weights
 from .config_loader import config_reader, load_config
 
 __all__ = ["configs_dir", "list_configs", "get_config_file", "get_config", "get"]
@@ -73,18 +73,36 @@ def get_config(
     return load_config(get_config_file(config_path), opts)
 
 
-def get(config_path: str, weights: Optional[str] = None, device: Optional[str] = None):
-    """A model built from a packaged config, in training mode.
+def get(
+    config_path: str,
+    weights: Optional[str] = None,
+    device: Optional[str] = None,
+    *,
+    training: bool = False,
+    allow_unsafe: Optional[bool] = None,
+):
+    """A model built from a packaged config, ready for inference (eval mode) unless ``training``.
 
     Args:
         config_path: see :func:`get_config_file`.
-        weights: a checkpoint to load (a path or a ``detectron2://`` / https URL); default: none
-            (the config's ImageNet initialisation is not loaded, nothing is downloaded).
+        weights: a checkpoint to load (a path or a ``detectron2://`` / https URL; ``.pth``,
+            ``.pkl`` or ``.safetensors``), read weights-only; default: none (the config's ImageNet
+            initialisation is not loaded, nothing is downloaded). For inference it must provide
+            every module of the model (``sparse_rcnn.checkpoint.InferenceCheckpointer``).
         device: default: "cuda" if available, else "cpu".
+        training: return the model in training mode, loading ``weights`` as fine-tuning does
+            (partial checkpoints with Detectron2's warnings).
+        allow_unsafe: load a checkpoint that weights-only loading refuses (only files you trust);
+            default ``$SPARSE_RCNN_ALLOW_UNSAFE_CHECKPOINT``.
     """
     run = config_reader(get_config(config_path))
     run.set_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = run.build_model()
     if weights:
-        DetectionCheckpointer(model).load(os.fspath(weights))
-    return model
+        weights = os.fspath(weights)
+        if training:
+            with explain_checkpoint_errors(weights):
+                SafeDetectionCheckpointer(model, allow_unsafe=allow_unsafe).load(weights)
+        else:
+            load_inference_weights(model, weights, key="weights", allow_unsafe=allow_unsafe)
+    return model.train(training)

@@ -41,14 +41,9 @@ def focal_background_cost(
 # the scaling form cannot, i.e. where a supplier's costs span more than 500 eps. Then almost all
 # of the log-kernel's entries lie far below -87.3, where float32 exp() underflows (the smallest
 # normal float32 is exp(-87.34)), and the CPU's vectorised exp is 10-25x slower on such arguments;
-# torch.set_flush_denormal(True) does not help. Measured with torch.utils.benchmark on (2, 21, 300)
-# (2 images, 20 GTs + background, 300 predictions), 1 thread, 2-core CPU at load 2.8, 2026-12-01:
-#   arguments in [-4000, 0] (costs 0-40 at eps 0.01): torch.logsumexp 0.33 ms, _logsumexp 0.033 ms
-#   arguments in [-104, -87] (subnormal results):        0.73 ms, 0.028 ms
-#   arguments in [-60, 0] (no underflow):                0.032 ms, 0.030 ms
-#   torch.logsumexp with set_flush_denormal(True): 0.22, 1.0 and 0.022 ms.
-# Sinkhorn calls it 100 times per stage (50 iterations), so it stays (a test checks it is
-# bit-identical to torch.logsumexp).
+# torch.set_flush_denormal(True) does not help (docs/benchmarks.md, "OTA's logsumexp"). Sinkhorn
+# calls it 100 times per stage (50 iterations), so it stays (a test checks it is bit-identical to
+# torch.logsumexp).
 _EXP_FLOOR = -87.3
 _NEGLIGIBLE = 1e-37
 
@@ -71,8 +66,8 @@ def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _float32_plan(plan: torch.Tensor) -> torch.Tensor:
     """The plan in float32, its entries below float32's smallest normal number (1.2e-38) set to
-    0: a trained model's plans hold such entries (measured: about 440 per step of the Dynamic
-    quick model), and subnormal floats make every CPU operation that reads them slow. No
+    0: a trained model's plans hold such entries (hundreds per step of the Dynamic quick model,
+    docs/benchmarks.md), and subnormal floats make every CPU operation that reads them slow. No
     assignment can depend on them (the plan is read by a row-rescaled argmax; an entry that small is
     28 orders of magnitude below the supply of a unit)."""
     return torch.threshold(plan, torch.finfo(torch.float32).tiny, 0.0).float()
@@ -94,11 +89,10 @@ def sinkhorn(
     the number of iterations. Supplies and demands must have equal totals.
 
     Two equivalent ways compute it: the scaling form (u = mu / K v, v = nu / K^T u with the kernel
-    K = exp(-C / eps), in float64: two small matrix products per iteration; 2.2x faster on a
-    2-core CPU than the log form's element-wise exp and log for 2 x 21 x 300, 50 iterations:
-    2.0 ms vs 4.4 ms) whenever its kernel and scalings are
-    representable, and otherwise (very small ``eps`` or extreme costs) the log form, whose
-    logsumexp updates cannot overflow. Both start from u = v = 1 and do the same updates, so
+    K = exp(-C / eps), in float64: two small matrix products per iteration, about 2x faster on a
+    CPU than the log form's element-wise exp and log, docs/benchmarks.md) whenever its kernel and
+    scalings are representable, and otherwise (very small ``eps`` or extreme costs) the log form,
+    whose logsumexp updates cannot overflow. Both start from u = v = 1 and do the same updates, so
     they give the same plan up to rounding.
 
     Args:
@@ -283,7 +277,8 @@ def ensure_every_gt_matched(owner: torch.Tensor, plan: torch.Tensor, num_gt: int
     can be spared (background ones, or ones of a GT that keeps at least one).
 
     Rounding an entropic plan (:func:`assign_by_plan`) may leave a GT with no prediction; with
-    N >= M there is always a prediction to spare. The loop runs over the unmatched GTs only (usually none).
+    N >= M there is always a prediction to spare. The loop runs over the unmatched GTs only
+    (usually none).
 
     Args:
         owner: (N,) int64 supplier of every prediction (``num_gt`` = background).

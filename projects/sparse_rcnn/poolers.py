@@ -23,8 +23,9 @@ samples with ``y < -1`` or ``y > H`` (or ``x`` likewise) contribute 0, coordinat
 >= 0 and at the last row/column both neighbours are the last one; the sum is divided by sr * sr.
 
 CUDA tensors, dtypes other than float32/float64, and tracing/scripting use the stock
-:class:`ROIPooler` path (torchvision's CUDA kernel is fast; float16 on CPU is rare). Only ``ROIAlign``/``ROIAlignV2`` with
-a fixed ``sampling_ratio > 0`` are supported; other settings raise ``ValueError``.
+:class:`ROIPooler` path (torchvision's CUDA kernel is fast; float16 on CPU is rare). Only
+``ROIAlign``/``ROIAlignV2`` with a fixed ``sampling_ratio > 0`` are supported; other settings raise
+``ValueError``.
 
 As in torchvision, the pooled features carry no gradient to the boxes.
 """
@@ -37,10 +38,10 @@ import torch.nn.functional as F
 from detectron2.modeling.poolers import (
     ROIPooler,
     assign_boxes_to_levels,
-    convert_boxes_to_pooler_format,
 )
 from detectron2.structures import Boxes
-from detectron2.utils.tracing import is_fx_tracing
+
+from .tracing import is_fx_symbolic_tracing, is_tracing
 
 __all__ = ["FastROIPooler", "PreparedFeatures"]
 
@@ -206,8 +207,8 @@ class FastROIPooler(ROIPooler):
     Every call with a list of maps first copies all of them into one channels-last matrix.
     Callers that pool the same maps several times (the head's stages) should do that once with
     :meth:`prepare` and pass the result instead of the list: on large maps with few boxes the
-    copy costs more than the stock forward (800x1333 input, 2 images, C = 256, 100 boxes each:
-    about 147 ms vs 39 ms per no-grad call on one thread; 13 ms per call once prepared).
+    copy costs more than the stock forward (about 4x for 800x1333 inputs with 100 boxes each; a
+    prepared call costs a third of the stock one: docs/benchmarks.md, "RoI pooling").
     """
 
     def __init__(
@@ -251,7 +252,7 @@ class FastROIPooler(ROIPooler):
         self.aligned = pooler_type == "ROIAlignV2"
 
     def _use_fast_path(self, x: Sequence[torch.Tensor]) -> bool:
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or is_fx_tracing():
+        if torch.jit.is_scripting() or is_tracing() or is_fx_symbolic_tracing():
             return False
         return all(t.device.type == "cpu" and t.dtype in _FAST_DTYPES for t in x)
 
@@ -305,7 +306,7 @@ class FastROIPooler(ROIPooler):
             concatenated ``box_lists``. On the fast path its memory is channels-last.
         """
         if not isinstance(x, PreparedFeatures):
-            if torch.jit.is_tracing():
+            if is_tracing():
                 return self._forward_traceable(x, box_lists)
             if not self._use_fast_path(x):
                 return super().forward(x, box_lists)
@@ -338,7 +339,7 @@ class FastROIPooler(ROIPooler):
         writing the whole output): the levels' RoIs are pooled, concatenated and put back in
         input order with one gather by the inverse permutation.
         """
-        pooler_fmt_boxes = convert_boxes_to_pooler_format(box_lists)
+        pooler_fmt_boxes = _pooler_format_boxes(box_lists)
         if len(self.level_poolers) == 1:
             return self.level_poolers[0](x[0], pooler_fmt_boxes)
         levels = assign_boxes_to_levels(
@@ -412,3 +413,19 @@ class FastROIPooler(ROIPooler):
         )
         num_bins = total * out_h * out_w
         return cols.view(num_bins, -1), weights.view(num_bins, -1)
+
+
+def _pooler_format_boxes(box_lists: List[Boxes]) -> torch.Tensor:
+    """Detectron2's ``convert_boxes_to_pooler_format`` (R, 5) rows (image index, x0, y0, x1, y1),
+    with the image indices filled per image instead of by ``repeat_interleave``, whose output size
+    ``torch.export`` cannot know (the ONNX exporter then fails on its ``sym_numel``).
+
+    Args:
+        box_lists: B :class:`Boxes`, one per image.
+    """
+    boxes = torch.cat([b.tensor for b in box_lists])
+    indices = [
+        torch.full((len(b), 1), float(i), dtype=boxes.dtype, device=boxes.device)
+        for i, b in enumerate(box_lists)
+    ]
+    return torch.cat([torch.cat(indices), boxes], dim=1)

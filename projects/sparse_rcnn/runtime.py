@@ -52,7 +52,7 @@ def check_cuda_available(device: str, *, key: str, fix: str, advice: str) -> Non
 def check_amp_device(device: str, amp_enabled: bool, *, amp_key: str, device_key: str, fix: str):
     """Raise a ValueError when AMP training is asked for on a device other than CUDA: Detectron2's
     AMPTrainer autocasts with CUDA only (and bf16 autocast on a CPU makes a training step of this
-    model slower, README "The main job"). ``fix``: the option that turns AMP off."""
+    model slower, docs/benchmarks.md). ``fix``: the option that turns AMP off."""
     if amp_enabled and not device.startswith("cuda"):
         raise ValueError(
             f"{amp_key} needs a CUDA device (Detectron2's AMPTrainer trains with CUDA autocast "
@@ -73,11 +73,10 @@ def setup_process_runtime(device: str, output_dir: Optional[str] = None) -> None
     package's log lines, each of several CPU processes its share of the cores, and subnormal floats
     flushed to zero on the CPU.
 
-    Late in Dynamic Sparse R-CNN training, subnormal floats slow CPU steps down: from a trained
-    quick-config model, 0.89 s per step with flushing off and 0.74 s with it on (1 thread,
-    2026-12-02, ``benchmarks/ablate_dynamic.py --variants dynamic --late-steps 30``; 0.9 s vs 0.39 s
-    when issue 13 was filed). The flag is a setting of the process, not of a module, so it is made
-    here rather than inside the model.
+    Subnormal floats can slow CPU steps down late in training (they did in OTA's transport plan,
+    which now zeroes them: docs/benchmarks.md, "Subnormal floats"); flushing stays as a guard for
+    other data. The flag is a setting of the process, not of a module, so it is made here rather
+    than inside the model.
     """
     setup_package_logger(output_dir)
     if comm.get_world_size() > 1:

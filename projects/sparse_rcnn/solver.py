@@ -4,6 +4,7 @@ the check of the LR against the paper's before training."""
 
 import itertools
 import logging
+from collections.abc import Sequence
 from typing import Iterable, Optional, Type
 
 import torch
@@ -21,8 +22,8 @@ def maybe_add_full_model_gradient_clipping(
 
     ``clip_gradients()`` clips before ``step`` and returns the total norm before clipping, for a
     trainer that checks it (``trainer.NonFiniteSkippingTrainer``): the following ``step`` then does
-    not clip again, so the norm is computed once per iteration (about 15 ms of a CPU step of the
-    main job's model). ``zero_grad`` forgets a clip whose step did not come.
+    not clip again, so the norm is computed once per iteration (a few percent of a CPU step of
+    the main job's model, docs/benchmarks.md). ``zero_grad`` forgets a clip whose step did not come.
     """
     if clip_norm <= 0.0:
         return optimizer_type
@@ -84,6 +85,12 @@ def full_model_clipped_optimizer(
         clip_norm: max total gradient norm (paper: 1.0).
         kwargs: the optimizer's own arguments (``lr``, ``weight_decay``, ``betas``, ...).
     """
+    # A LazyConfig passes a list or tuple (``betas``) as an omegaconf ListConfig; as a tuple it
+    # leaves the optimizer state, and so the checkpoints, plain data that loads weights-only.
+    kwargs = {
+        k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+        for k, v in kwargs.items()
+    }
     return maybe_add_full_model_gradient_clipping(optimizer_type, clip_norm)(params, **kwargs)
 
 
@@ -93,9 +100,9 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     LR: ``SOLVER.BASE_LR``, times ``SOLVER.BACKBONE_MULTIPLIER`` for parameters whose name contains
     "backbone". Weight decay: ``SOLVER.WEIGHT_DECAY``, ``WEIGHT_DECAY_NORM`` for norm layers and
     ``WEIGHT_DECAY_BIAS`` for biases (our Base config sets both to WEIGHT_DECAY, as the official
-    solver decays every parameter). ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: full_model`` clips the L2 norm
-    of all gradients together to ``CLIP_VALUE``; "value"/"norm" use Detectron2's per-parameter
-    clipping.
+    solver decays every parameter). ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: full_model`` clips the L2
+    norm of all gradients together to ``CLIP_VALUE``; "value"/"norm" use Detectron2's
+    per-parameter clipping.
     """
     multiplier = cfg.SOLVER.BACKBONE_MULTIPLIER
     params = get_default_optimizer_params(
@@ -119,8 +126,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
         raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
     # The multi-tensor ("foreach") implementation on every device: PyTorch picks it by itself only
     # for CUDA parameters. Same results bit for bit (tests/test_solver.py), fewer passes over the
-    # parameters: on a CPU the AdamW step of the main job's model (18.3M parameters, 2 threads)
-    # took 82 ms instead of 96 ms, about 3% of its training step.
+    # parameters: a faster CPU step (docs/benchmarks.md, "The main job's step").
     kwargs["foreach"] = True
     if full_model:
         optimizer_type = maybe_add_full_model_gradient_clipping(optimizer_type, clip.CLIP_VALUE)

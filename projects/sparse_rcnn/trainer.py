@@ -10,7 +10,6 @@ from collections import OrderedDict
 from typing import Dict, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
@@ -23,7 +22,7 @@ from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from .checkpoint import resume_or_load
+from .checkpoint import InferenceCheckpointer, SafeDetectionCheckpointer, resume_or_load
 from .config_loader import config_reader
 from .dataset_checks import check_dataset_classes
 from .resumable_loader import ResumableLoaderHook, ResumableTrainLoader
@@ -158,8 +157,10 @@ class SparseRCNNTrainer(TrainerBase):
       AMPTrainer, whose GradScaler skips steps with non-finite gradients itself);
     - the data order saved in checkpoints and continued on ``--resume``
       (:class:`ResumableLoaderHook` on a ``ResumableTrainLoader``);
-    - ``--resume`` falls back to the newest readable checkpoint, and a missing or corrupt
-      checkpoint is reported with its path (``checkpoint.resume_or_load``);
+    - checkpoints read weights-only (``SafeDetectionCheckpointer``; ``--eval-only``:
+      ``InferenceCheckpointer``); ``--resume`` falls back to the newest readable checkpoint, and a
+      missing, corrupt or refused checkpoint is reported with its path
+      (``checkpoint.resume_or_load``);
     - periodic and final evaluation with the config's evaluator (per stage, CrowdHuman), and
       with test-time augmentation at the end when the config enables it (:meth:`test_with_TTA`);
     - LR schedule, periodic checkpoints, console / ``metrics.json`` / TensorBoard logs.
@@ -197,7 +198,7 @@ class SparseRCNNTrainer(TrainerBase):
                 assign=run.assign,
             )
         self.scheduler = run.build_lr_scheduler(optimizer)
-        self.checkpointer = DetectionCheckpointer(
+        self.checkpointer = SafeDetectionCheckpointer(
             model, run.output_dir, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
@@ -258,7 +259,7 @@ class SparseRCNNTrainer(TrainerBase):
     def resume_or_load(self, resume: bool = True) -> None:
         """``--resume``: the newest readable checkpoint of the output folder with the trainer's
         state, else the config's weights (``MODEL.WEIGHTS`` / ``train.init_checkpoint``) only."""
-        resume_or_load(self.checkpointer, self.run.weights, resume)
+        resume_or_load(self.checkpointer, self.run.weights, resume, self.run.keys["weights"])
         if resume and self.checkpointer.has_checkpoint():
             self.start_iter = self.iter + 1  # the checkpoint's iteration has been completed
 
@@ -343,9 +344,10 @@ class SparseRCNNTrainer(TrainerBase):
 
     @classmethod
     def load_weights(cls, cfg, model: torch.nn.Module, resume: bool = False) -> None:
-        """The weights of ``--eval-only``: with ``resume`` the newest readable checkpoint of the
-        output folder, else the config's weights; a missing or corrupt file reported with its
-        path."""
+        """The weights of ``--eval-only`` (``InferenceCheckpointer``: weights-only, and a checkpoint
+        that leaves modules untrained is an error): with ``resume`` the newest readable checkpoint
+        of the output folder, else the config's weights; a missing, corrupt or refused file
+        reported with its path."""
         run = config_reader(cfg)
-        checkpointer = DetectionCheckpointer(model, save_dir=run.output_dir)
-        resume_or_load(checkpointer, run.weights, resume)
+        checkpointer = InferenceCheckpointer(model, save_dir=run.output_dir)
+        resume_or_load(checkpointer, run.weights, resume, run.keys["weights"])

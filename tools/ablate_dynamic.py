@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""What each part of Dynamic Sparse R-CNN buys on the built-in dataset, within the main job's budget.
+"""What each part of Dynamic Sparse R-CNN buys on the built-in dataset, with the quick schedule.
 
-Every variant trains the main job's model and schedule (configs/sparse_rcnn_quick_cpu.yaml: 1300
-iterations of batch 4 on synthetic_shapes_train) with ``train_net.py`` in a subprocess, then is
-evaluated on synthetic_shapes_val with COCOEvaluator twice, without and with class-aware NMS at
-IoU 0.7. One JSON record per (variant, seed) is printed and appended to ``--out``:
+`make demo-compare` runs it. Every variant trains the quick model and schedule
+(configs/sparse_rcnn_quick_cpu.yaml: 1300 iterations of batch 4 on synthetic_shapes_train) with
+``train_net.py`` in a subprocess, then is evaluated on synthetic_shapes_val with COCOEvaluator
+twice, without and with class-aware NMS at IoU 0.7. One JSON record per (variant, seed) is
+printed and appended to ``--out``:
 
-    python benchmarks/ablate_dynamic.py                       # every variant, seed 40244023
-    python benchmarks/ablate_dynamic.py --variants sparse dynamic --seeds 1
-    python benchmarks/ablate_dynamic.py --late-steps 40       # + step time late in training
-    python benchmarks/ablate_dynamic.py --variants sparse dla_two_losses --max-iter 700 \
+    python tools/ablate_dynamic.py                    # every variant, seed 40244023
+    python tools/ablate_dynamic.py --variants sparse dynamic --seeds 1
+    python tools/ablate_dynamic.py --late-steps 40    # + step time late in training
+    python tools/ablate_dynamic.py --variants sparse dla_two_losses --max-iter 700 \
         --opts MODEL.SPARSE_RCNN.NUM_STAGES 6 MODEL.SPARSE_RCNN.PROPOSAL_BOX_INIT image \
-        --tag _700it_6stages_image                             # another setting
+        --tag _700it_6stages_image                    # another setting
 
 Variants (``--variants``): ``sparse`` (Sparse R-CNN), ``dla`` (+ OTA with dynamic k and the unit
 increasing strategy, one loss), ``dla_two_losses`` (+ the one-to-one loss), ``dpg`` (+ dynamic
@@ -19,7 +20,9 @@ proposals only), ``dynamic`` (both: configs/dynamic_sparse_rcnn_quick_cpu.yaml).
 
 ``--late-steps N`` also times N training steps from each trained checkpoint (the late phase of
 training, where subnormal floats appeared in the Dynamic Sparse R-CNN path), with the CPU's
-flush-to-zero off and on, and counts the subnormal values in the weights, gradients and AdamW state.
+flush-to-zero off and on, and finds the subnormal values (tools/subnormals.py): which operations
+of a step write them, and how many the weights, gradients and AdamW state hold. Results:
+docs/dynamic_sparse_rcnn.md and docs/benchmarks.md.
 """
 
 import argparse
@@ -34,6 +37,7 @@ from pathlib import Path
 import torch
 
 from sparse_rcnn.config import get_sparse_rcnn_cfg
+from subnormals import subnormal_counts, subnormal_sources
 
 REPO = Path(__file__).resolve().parent.parent
 SPARSE = "configs/sparse_rcnn_quick_cpu.yaml"
@@ -59,10 +63,10 @@ DEFAULT_SEED = 40244023  # configs/Base-SparseRCNN.yaml
 
 def evaluate(cfg, weights, nms: bool) -> dict:
     """COCO box AP of ``weights`` on cfg.DATASETS.TEST[0], with or without NMS 0.7."""
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.evaluation import inference_on_dataset
     from detectron2.modeling import build_model
 
+    from sparse_rcnn.checkpoint import InferenceCheckpointer
     from sparse_rcnn.data_loaders import build_sparse_rcnn_test_loader
     from sparse_rcnn.evaluation import build_sparse_rcnn_evaluator
 
@@ -71,7 +75,7 @@ def evaluate(cfg, weights, nms: bool) -> dict:
     cfg.MODEL.SPARSE_RCNN.NMS_THRESH_TEST = 0.7
     cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE = False
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(weights)
+    InferenceCheckpointer(model).load(weights)
     dataset = cfg.DATASETS.TEST[0]
     folder = os.path.join(cfg.OUTPUT_DIR, f"eval_nms{int(nms)}")
     results = inference_on_dataset(
@@ -98,70 +102,12 @@ def step_times(output_dir: str) -> dict:
     }
 
 
-def num_subnormal(tensor: torch.Tensor) -> int:
-    """How many values of a floating-point tensor are subnormal in its own dtype."""
-    return int(((tensor != 0) & (tensor.abs() < torch.finfo(tensor.dtype).tiny)).sum())
-
-
-def subnormal_counts(named_tensors) -> dict:
-    """name -> number of subnormal values (the weights, gradients and AdamW state are float32),
-    for tensors that hold any."""
-    counts = {}
-    for name, tensor in named_tensors:
-        if tensor is None or not tensor.is_floating_point():
-            continue
-        count = num_subnormal(tensor)
-        if count:
-            counts[name] = count
-    return counts
-
-
-def subnormal_sources(model, optimizer, batch, top: int = 8) -> dict:
-    """Which operations of one training step (forward, backward, optimizer step) write subnormal
-    float32/float64 values: every ATen call is seen (``TorchDispatchMode``) and its outputs are
-    counted. Returns the ``top`` largest: "op dtype (innermost sparse_rcnn source line)" -> count.
-    Freshly allocated outputs (``empty``/``new_empty``/their views) hold garbage until written and
-    are not counted."""
-    import traceback
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    counts = {}
-    uninitialised = ("empty", "new_empty", "new_empty_strided", "empty_strided", "slice", "view")
-
-    class CountSubnormals(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.__name__.split(".")[0] in uninitialised:
-                return out
-            for t in tree_flatten(out)[0]:
-                if not (torch.is_tensor(t) and t.is_floating_point() and t.numel()):
-                    continue
-                count = num_subnormal(t)
-                if count:
-                    ours = [f for f in traceback.extract_stack() if "/sparse_rcnn/" in f.filename]
-                    line = (
-                        f"{ours[-1].filename.rsplit('/', 1)[-1]}:{ours[-1].lineno}" if ours else ""
-                    )
-                    key = f"{func.__name__} {str(t.dtype).replace('torch.', '')} ({line})"
-                    counts[key] = counts.get(key, 0) + count
-            return out
-
-    with CountSubnormals():
-        loss = sum(model(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
-
-
 def late_steps(cfg, weights, steps: int) -> dict:
     """Time ``steps`` training steps from a trained checkpoint, flush-to-zero off then on."""
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
+    from sparse_rcnn.checkpoint import SafeDetectionCheckpointer
     from sparse_rcnn.data_loaders import build_sparse_rcnn_train_loader
     from sparse_rcnn.solver import build_optimizer
 
@@ -170,7 +116,7 @@ def late_steps(cfg, weights, steps: int) -> dict:
         torch.set_flush_denormal(flush)
         torch.manual_seed(0)
         model = build_model(cfg).train()
-        DetectionCheckpointer(model).load(weights)
+        SafeDetectionCheckpointer(model).load(weights)
         optimizer = build_optimizer(cfg, model)
         loader = iter(build_sparse_rcnn_train_loader(cfg))
         times = []

@@ -1,5 +1,6 @@
 """Export every config in configs/ to ONNX with ``sparse_rcnn.export`` and check it (a check, not
-a timing: one JSON record per config in ``benchmarks/results/export_configs.jsonl``).
+a timing: one JSON record per config in ``benchmarks/results/export_configs.jsonl``, written with
+the benchmarks' recorder, ``benchmarks/common.py``).
 
 For each yaml and LazyConfig ``.py`` config (the Swin and ViTDet ones are expected to be refused:
 ``check_backbone_exportable``): build its model with random weights (seed 0) and the box-delta
@@ -12,22 +13,25 @@ eager inference at the export size and at a second size. Records: ``exported``, 
 max differences, or the error.
 
 Usage:
-    python benchmarks/export_configs.py [--configs configs/a.yaml ...] [--threads 2]
+    python tools/export_configs.py [--configs configs/a.yaml ...] [--threads 2]
 """
 
 import argparse
 import glob
 import os
 import shutil
+import sys
 import tempfile
 import time
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-import common
-from sparse_rcnn.export import export, setup_model
 from sparse_rcnn.config_loader import is_lazy_config
+from sparse_rcnn.export import export, setup_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import common  # noqa: E402  (benchmarks/common.py: records, the box-delta scaling)
 
 
 def random_weights(config_file: str, path: str, delta_scale: float) -> list:
