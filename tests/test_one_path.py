@@ -412,6 +412,21 @@ def assert_same(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+# The random resize + crop of the crop models (half of the samples), at the tiny sizes: its random
+# draws must come back on resume too.
+CROP = {
+    "yaml": [
+        "INPUT.CROP.ENABLED", "True", "INPUT.CROP.SIZE", "(32, 64)",
+        "INPUT.CROP.RESIZE_SIZES", "(64, 80)",
+    ],
+    "py": [
+        "dataloader.train.mapper.augmentations.crop_type=absolute_range",
+        "dataloader.train.mapper.augmentations.crop_size=[32,64]",
+        "dataloader.train.mapper.augmentations.crop_resize_sizes=[64,80]",
+    ],
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_kill_9_then_resume_equals_an_uninterrupted_run_even_from_a_truncated_checkpoint(
     kind, datasets, tmp_path, records
@@ -420,6 +435,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_even_from_a_truncated_ch
     settings = dict(max_iter=8, checkpoint_period=2, lr=0.001, **DATA)
     killed = tmp_path / "killed"
     argv = ["--config-file", str(CONFIGS[kind]), *opts(kind, False, output_dir=killed, **settings)]
+    argv += CROP[kind]
     train_and_kill(argv, killed, datasets)
     last = read_last(killed)
     assert last != "model_final.pth" and not (killed / "model_final.pth").exists()
@@ -430,9 +446,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run_even_from_a_truncated_ch
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
     for folder in (killed, truncated):
-        run_main(kind, ["--resume", *opts(kind, False, output_dir=folder, **settings)])
+        run_main(kind, ["--resume", *opts(kind, False, output_dir=folder, **settings), *CROP[kind]])
     uninterrupted = tmp_path / "uninterrupted"
-    run_main(kind, opts(kind, False, output_dir=uninterrupted, **settings))
+    run_main(kind, [*opts(kind, False, output_dir=uninterrupted, **settings), *CROP[kind]])
     reference = torch.load(uninterrupted / "model_final.pth", map_location="cpu")
     for folder in (killed, truncated):
         resumed = torch.load(folder / "model_final.pth", map_location="cpu")

@@ -1,15 +1,12 @@
-"""Training that does not die, and errors that say what to do (issue 14): pre-flight checks, the
-skipping of non-finite steps, kill -9 and --resume, inference input checks, first-contact
-messages."""
+"""Training that does not die, and errors that say what to do: pre-flight checks, the skipping of
+non-finite steps, checkpoint repair and the --resume fallback, inference input checks,
+first-contact messages."""
 
 import copy
 import itertools
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import cv2
 import numpy as np
@@ -25,7 +22,6 @@ from conftest import (
     TINY_CONFIG,
     build_tiny_model,
     make_cfg,
-    registered_synthetic_shapes,
 )
 from sparse_rcnn import (
     checkpoint,
@@ -47,7 +43,6 @@ from test_distributed import make_batch
 sys.path.insert(0, str(REPO_ROOT))
 import train_net  # noqa: E402
 
-PREFIX = "robust_shapes"
 
 
 class Records(logging.Handler):
@@ -503,85 +498,13 @@ def test_resumed_loader_continues_the_uninterrupted_stream(grouping):
     assert batches(other, 12) != uninterrupted
 
 
-TRAIN_OPTS = [
-    "DATASETS.TRAIN", f"('{PREFIX}_train',)",
-    "DATASETS.TEST", "()",
-    "SOLVER.MAX_ITER", "8",
-    "SOLVER.CHECKPOINT_PERIOD", "2",
-    "SOLVER.BASE_LR", "0.001",
-    "INPUT.CROP.ENABLED", "True",
-    "SEED", "5",
-]  # fmt: skip
-
-SUBPROCESS = """
-import sys
-sys.path.insert(0, {repo!r})
-from detectron2.engine import default_argument_parser
-from sparse_rcnn import register_synthetic_shapes
-register_synthetic_shapes({root!r}, splits={{"train": 16}}, image_size=96, prefix={prefix!r})
-import train_net
-train_net.main(default_argument_parser().parse_args({argv!r}))
-"""
-
-
-@pytest.fixture(scope="module")
-def resume_dataset(tmp_path_factory):
-    datasets = registered_synthetic_shapes(tmp_path_factory, PREFIX, {"train": 16})
-    root = next(datasets)
-    DatasetCatalog.get(f"{PREFIX}_train")  # generate the files once
-    yield root
-    next(datasets, None)  # unregister
-
-
-def read_last(folder):
-    try:
-        return (folder / "last_checkpoint").read_text().strip()
-    except FileNotFoundError:
-        return ""
+# kill -9 and --resume from a yaml config and its .py twin, bit for bit, also from a truncated
+# newest checkpoint: tests/test_one_path.py.
 
 
 def run_main(argv):
     torch.set_num_threads(1)
     return train_net.main(default_argument_parser().parse_args(argv))
-
-
-def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(resume_dataset, tmp_path):
-    killed = tmp_path / "killed"
-    argv = ["--config-file", str(TINY_CONFIG), *TRAIN_OPTS, "OUTPUT_DIR", str(killed)]
-    code = SUBPROCESS.format(
-        repo=str(REPO_ROOT), root=str(resume_dataset), prefix=PREFIX, argv=argv
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "projects")}
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        deadline = time.time() + 120
-        while not (killed / "last_checkpoint").exists() or not read_last(killed):
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.02)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
-    last = (killed / "last_checkpoint").read_text().strip()
-    assert last != "model_final.pth" and not (killed / "model_final.pth").exists()
-    # The run continues at the checkpoint's iteration, with its optimizer, LR schedule and
-    # proposals (all in the checkpoint) and data order (the loader's seed and stream position).
-    run_main(
-        ["--config-file", str(TINY_CONFIG), "--resume", *TRAIN_OPTS, "OUTPUT_DIR", str(killed)]
-    )
-    uninterrupted = tmp_path / "uninterrupted"
-    run_main(["--config-file", str(TINY_CONFIG), *TRAIN_OPTS, "OUTPUT_DIR", str(uninterrupted)])
-    resumed = torch.load(killed / "model_final.pth", map_location="cpu")
-    reference = torch.load(uninterrupted / "model_final.pth", map_location="cpu")
-    assert resumed["iteration"] == reference["iteration"] == 7
-    assert_same(resumed["model"], reference["model"])
-    initial = torch.load(killed / last, map_location="cpu")["model"]
-    assert any(not torch.equal(initial[k], resumed["model"][k]) for k in initial)
 
 
 # ------------------------------------------------------------------------------------------------
