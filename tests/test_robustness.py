@@ -44,7 +44,6 @@ sys.path.insert(0, str(REPO_ROOT))
 import train_net  # noqa: E402
 
 
-
 class Records(logging.Handler):
     """Collects the records of one logger (setup_logger turns propagation off, so caplog, which
     listens at the root, would miss them)."""
