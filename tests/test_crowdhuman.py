@@ -24,6 +24,8 @@ from sparse_rcnn.crowdhuman_evaluation import (
     CrowdHumanEvaluator,
     clip_boxes_to_image,
     crowdhuman_metrics,
+    jaccard_index,
+    jaccard_index_counts,
     match_image,
 )
 from sparse_rcnn.evaluation import PerStageEvaluator, build_sparse_rcnn_evaluator
@@ -268,6 +270,201 @@ def test_against_brute_force_reference_on_crowded_images():
     for key in ("AP", "mMR", "Recall"):
         assert got[key] == pytest.approx(ref[key], abs=1e-12), key
     assert 0 < got["AP"] < 1 and 0 < got["mMR"] < 1
+
+
+# ---------------------------------------------------------------------------------------------
+# JI: hand-worked cases and a brute-force reference written from crowdhuman_evaluation's
+# docstring (every one-to-one matching enumerated; plain loops over boxes).
+
+EPS = 1e-6
+
+
+def reference_ji(images, thr=0.5):
+    """(lowest, highest) JI over the choices of a maximum matching in every image (equal unless an
+    unmatched box lies in an ignore region), and the largest k of every image at threshold 0."""
+
+    def clip(b, h, w):
+        return [min(max(b[0], 0), w - 1), min(max(b[1], 0), h - 1), max(min(b[2], w), 0),
+                max(min(b[3], h), 0)]  # fmt: skip
+
+    def inter(a, b):
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(
+            0.0, min(a[3], b[3]) - max(a[1], b[1])
+        )
+
+    def area(a):
+        return (a[2] - a[0]) * (a[3] - a[1])
+
+    def matchings(edges, num_dt, taken=(), start=0):
+        """Every set of disjoint (dt, gt) pairs of ``edges``, dt in increasing order."""
+        yield ()
+        for i in range(start, num_dt):
+            for j in edges[i]:
+                if j not in taken:
+                    for rest in matchings(edges, num_dt, taken + (j,), i + 1):
+                        yield ((i, j),) + rest
+
+    lows, highs, ks = [], [], []
+    for t in [0.1 * i for i in range(10)]:
+        low = high = 0.0
+        counted = 0
+        for image in images:
+            h, w = image["height"], image["width"]
+            gts = [clip(list(map(float, b)), h, w) for b in image["gt_boxes"]]
+            people = [g for g, ig in zip(gts, image["gt_ignore"]) if not ig]
+            regions = [g for g, ig in zip(gts, image["gt_ignore"]) if ig]
+            dts = [clip(list(map(float, b)), h, w)
+                   for b, s in zip(image["dt_boxes"], image["dt_scores"]) if s > t]  # fmt: skip
+            edges = [[j for j, g in enumerate(people)
+                      if inter(d, g) / max(area(d) + area(g) - inter(d, g), EPS) >= thr]
+                     for d in dts]  # fmt: skip
+            every = list(matchings(edges, len(dts)))
+            k = max(len(m) for m in every)
+            if t == 0:
+                ks.append(k)
+
+            def in_region(box):
+                return any(inter(box, r) / max(area(box), EPS) > thr for r in regions)
+
+            ratios = []
+            for m in every:
+                if len(m) < k:
+                    continue
+                matched_dt, matched_gt = {i for i, _ in m}, {j for _, j in m}
+                n = len(dts) - sum(in_region(d) for i, d in enumerate(dts) if i not in matched_dt)
+                g = len(people) - sum(
+                    in_region(p) for j, p in enumerate(people) if j not in matched_gt
+                )
+                ratios.append(k / (g + n - k + EPS))
+                counted_here = g > 0 or n > 0
+            low, high = low + min(ratios), high + max(ratios)
+            counted += counted_here
+        lows.append(low / counted if counted else math.nan)
+        highs.append(high / counted if counted else math.nan)
+    return np.nanmax(lows), np.nanmax(highs), ks
+
+
+def check_ji(images, expected, threshold):
+    ji, at = jaccard_index(images)
+    assert ji == pytest.approx(expected, abs=1e-12) and at == pytest.approx(threshold)
+    low, high, _ = reference_ji(images)
+    assert low == high == pytest.approx(ji, abs=1e-12)
+    assert crowdhuman_metrics(images)["JI"] == ji
+
+
+def test_ji_perfect_detector():
+    # k = m = n in every image: k / (k + 1e-6); image b's scores (0.6) fall out above 0.6.
+    gt_a, gt_b = people(3), people(5, y=50)
+    images = [image(gt_a, dt=gt_a, scores=[0.9, 0.8, 0.7]), image(gt_b, dt=gt_b, scores=[0.6] * 5)]
+    check_ji(images, (3 / (3 + EPS) + 5 / (5 + EPS)) / 2, threshold=0.0)
+
+
+def test_ji_one_miss():
+    gt = people(4)
+    # k 3, m 4, n 3: 3 / (4 + 3 - 3)
+    check_ji([image(gt, dt=gt[:3], scores=[0.9, 0.8, 0.7])], 3 / (4 + EPS), threshold=0.0)
+
+
+def test_ji_false_positive_and_the_best_score_threshold():
+    gt, fp = people(4), [[50, 60, 58, 80]]
+    # A confident false positive: k 4, m 4, n 5 at every threshold below the people's scores.
+    confident = image(gt, dt=fp + gt, scores=[0.95, 0.9, 0.9, 0.9, 0.9])
+    check_ji([confident], 4 / (4 + 5 - 4 + EPS), threshold=0.0)
+    # A weak one: counted at threshold 0 (4 / 5), not above 0.1 (4 / 4): the best is 0.1's.
+    weak = image(gt, dt=fp + gt, scores=[0.05, 0.9, 0.9, 0.9, 0.9])
+    check_ji([weak], 4 / (4 + EPS), threshold=0.1)
+    # The AP protocol has no threshold: the weak false positive comes last and costs nothing.
+    assert (
+        crowdhuman_metrics([weak])["AP"]
+        == crowdhuman_metrics([image(gt, dt=gt, scores=[0.9] * 4)])["AP"]
+    )
+
+
+def test_ji_ignore_regions():
+    gt, region = people(4), [60, 50, 100, 100]
+    inside = [[62, 52, 70, 70], [75, 60, 95, 95]]  # IoA 1 with the region: not counted
+    half_out = [[50, 50, 70, 60]]  # IoA 0.5, not above: a detection that counts
+    hidden = [[64, 56, 72, 76]]  # a person inside the region (IoA 1)
+    ignore = [0, 0, 0, 0, 1]
+    with_inside = image(gt + [region], ignore, dt=inside + gt, scores=[0.9] * 6)
+    check_ji([with_inside], 4 / (4 + EPS), threshold=0.0)  # k 4, m 4, n 6 - 2
+    with_half = image(gt + [region], ignore, dt=half_out + gt, scores=[0.9] * 5)
+    check_ji([with_half], 4 / (4 + 5 - 4 + EPS), threshold=0.0)
+    # The person in the region: missed, it does not count (m 5 - 1); found, it matches.
+    missed = image(gt + [region] + hidden, ignore + [0], dt=gt, scores=[0.9] * 4)
+    check_ji([missed], 4 / (4 + EPS), threshold=0.0)
+    found = image(gt + [region] + hidden, ignore + [0], dt=gt + hidden, scores=[0.9] * 5)
+    check_ji([found], 5 / (5 + EPS), threshold=0.0)
+    assert jaccard_index_counts(inside + gt, gt + [region] + hidden, ignore + [0]) == (4, 4, 4)
+
+
+def test_ji_takes_the_most_pairs_and_iou_from_one_half():
+    # The greedy AP matching (test_greedy_matching_by_score_takes_largest_iou) pairs d_high with
+    # g2 and leaves d_low; the maximum matching pairs d_high-g1 (IoU 7/13) and d_low-g2 (8/12).
+    g1, g2, d_high, d_low = [0, 0, 10, 20], [4, 0, 14, 20], [3, 0, 13, 20], [6, 0, 16, 20]
+    greedy = crowdhuman_metrics([image([g1, g2], dt=[d_high, d_low], scores=[0.9, 0.5])])
+    assert greedy["Recall"] == 0.5
+    check_ji([image([g1, g2], dt=[d_high, d_low], scores=[0.9, 0.5])], 2 / (2 + EPS), 0.0)
+    # IoU exactly 0.5 (100 / 200) matches for JI (">=") but not for AP (">").
+    half = image([[0, 0, 10, 10]], dt=[[0, 0, 10, 20]], scores=[0.9])
+    check_ji([half], 1 / (1 + EPS), threshold=0.0)
+    assert crowdhuman_metrics([half])["Recall"] == 0.0
+
+
+def test_ji_counts_only_images_with_people_or_detections():
+    a = people(2)
+    # Images without people and detections do not count; an image of false positives counts 0.
+    check_ji([image(a, dt=a, scores=[0.9, 0.9]), image([]), image([])], 2 / (2 + EPS), 0.0)
+    only_fp = image([], dt=[[20, 20, 40, 60]], scores=[0.95])
+    check_ji([image(a, dt=a, scores=[0.9, 0.9]), image([]), only_fp], 1 / (2 + EPS), 0.0)
+    assert math.isnan(jaccard_index([image([]), image([])])[0])
+
+
+def test_ji_choice_among_maximum_matchings():
+    # d1 and d2 both match the person; d2 lies in the ignore region (IoA 480/800), d1 not (IoA
+    # 400/800, not above 0.5). Matched with d1, d2 is absorbed: n 1, ratio 1; matched with d2, d1
+    # counts: n 2, ratio 1/2. Both are maximum matchings; JI takes scipy's (as mmdetection).
+    person, region = [10, 10, 30, 50], [10, 30, 30, 60]
+    d1, d2 = [10, 10, 30, 50], [10, 14, 30, 54]
+    images = [image([person, region], [0, 1], dt=[d1, d2], scores=[0.9, 0.9])]
+    low, high, _ = reference_ji(images)
+    assert (low, high) == (pytest.approx(1 / (2 + EPS)), pytest.approx(1 / (1 + EPS)))
+    assert jaccard_index(images)[0] in (low, high)
+
+
+def test_ji_against_brute_force_reference():
+    rng = np.random.default_rng(1)
+    images = []
+    for _ in range(40):
+        h, w = int(rng.integers(40, 80)), int(rng.integers(40, 80))
+        n_gt, n_dt = int(rng.integers(0, 6)), int(rng.integers(0, 8))
+        xy = rng.integers(-5, 60, (n_gt, 2))
+        gt = np.concatenate([xy, xy + rng.integers(6, 30, (n_gt, 2))], 1)
+        ignore = rng.random(n_gt) < 0.2
+        picks = rng.integers(0, max(n_gt, 1), n_dt)
+        random_xy = rng.integers(-5, 60, (n_dt, 2))
+        random_dt = np.concatenate([random_xy, random_xy + rng.integers(3, 30, (n_dt, 2))], 1)
+        near_gt = gt[picks] + rng.integers(-3, 4, (n_dt, 4)) if n_gt else random_dt
+        dt = np.where(rng.random((n_dt, 1)) < 0.85, near_gt, random_dt).astype(float)
+        dt[:, 2:] = np.maximum(dt[:, 2:], dt[:, :2] + 1)
+        images.append(image(gt, ignore, dt, np.round(rng.random(n_dt), 1), height=h, width=w))
+    ji, _ = jaccard_index(images)
+    low, high, ks = reference_ji(images)
+    assert low <= ji + 1e-12 and ji <= high + 1e-12
+    # The case is not trivial: the greedy matching of AP pairs fewer boxes in some image, and in
+    # some image the choice among maximum matchings changes n (a box left in an ignore region).
+    greedy = []
+    for im in images:
+        dt = clip_boxes_to_image(im["dt_boxes"], im["height"], im["width"])
+        gt = clip_boxes_to_image(im["gt_boxes"], im["height"], im["width"])
+        greedy.append(int(match_image(dt, im["dt_scores"], gt, im["gt_ignore"])[1].sum()))
+    assert any(g < k for g, k in zip(greedy, ks)) and low < high
+    assert 0 < ji < 1
+    # The most pairs, image by image (all detections: threshold 0).
+    for im, k in zip(images, ks):
+        dt = clip_boxes_to_image(im["dt_boxes"], im["height"], im["width"])
+        gt = clip_boxes_to_image(im["gt_boxes"], im["height"], im["width"])
+        assert jaccard_index_counts(dt[im["dt_scores"] > 0], gt, im["gt_ignore"])[0] == k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,10 +724,10 @@ def test_train_and_eval_only_report_crowdhuman_metrics(crowded, tmp_path):
     )
     assert set(evaluated) == {"crowdhuman"}
     metrics = evaluated["crowdhuman"]
-    assert set(metrics) == {"AP", "mMR", "Recall"}
+    assert set(metrics) == {"AP", "mMR", "Recall", "JI"}
     # the same weights give the same metrics
     assert trained == pytest.approx({f"crowdhuman/{k}": v for k, v in metrics.items()})
-    assert all(0 <= metrics[k] <= 100 for k in ("AP", "mMR", "Recall"))
+    assert all(0 <= metrics[k] <= 100 for k in ("AP", "mMR", "Recall", "JI"))
 
     # Every detection was kept: 500 proposals, more than 100 per image (no COCO-style cap)
     gts = gt_images(f"{E2E}_val")
@@ -549,6 +746,8 @@ def test_train_and_eval_only_report_crowdhuman_metrics(crowded, tmp_path):
     ref = reference_metrics(list(gts.values()))
     for key in ("AP", "mMR", "Recall"):
         assert metrics[key] == pytest.approx(100 * ref[key], abs=1e-6), key
+    # JI of the written results (too many boxes for reference_ji's enumeration of matchings)
+    assert metrics["JI"] == pytest.approx(100 * jaccard_index(list(gts.values()))[0], abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,3 +803,28 @@ def test_evaluator_across_processes(crowded, monkeypatch):
     monkeypatch.setattr(comm, "gather", lambda data, dst=0: [data, data])
     with pytest.raises(ValueError, match="predicted twice"):
         rank0.evaluate()
+
+
+def _evaluate_half(root, result_path):
+    """One of two gloo processes: registers the generated val split (a spawned process starts
+    with empty catalogs), evaluates every other image and saves what ``evaluate`` returned."""
+    register_crowdhuman(f"{E2E}_val", root / "annotation_val.odgt", root / "Images")
+    inputs, outputs = fake_predictions(f"{E2E}_val")
+    rank = comm.get_rank()
+    evaluator = CrowdHumanEvaluator(f"{E2E}_val")
+    evaluator.process(inputs[rank::2], outputs[rank::2])
+    torch.save(evaluator.evaluate(), f"{result_path}.{rank}")
+
+
+def test_evaluator_in_two_gloo_processes(crowded, tmp_path):
+    """Detectron2's launch with two CPU processes: the main process gathers both halves and
+    reports the one-process metrics; the other reports nothing."""
+    from detectron2.engine import launch
+
+    single = CrowdHumanEvaluator(f"{E2E}_val")
+    single.process(*fake_predictions(f"{E2E}_val"))
+    expected = single.evaluate()
+    path = str(tmp_path / "result")
+    launch(_evaluate_half, 2, dist_url="auto", args=(crowded, path))
+    assert torch.load(f"{path}.1") == {}
+    assert torch.load(f"{path}.0") == expected and 0 < expected["crowdhuman"]["JI"] < 100

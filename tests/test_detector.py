@@ -7,7 +7,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 from torchvision.ops import box_iou
 
-from conftest import build_tiny_model
+from conftest import CONFIG_DIR, build_tiny_model, make_cfg
 
 NUM_PROPOSALS, NUM_CLASSES = 20, 3
 LOSS_KEYS = {f"loss_{t}_stage{s}" for t in ("cls", "l1", "giou") for s in range(1, 7)}
@@ -232,10 +232,12 @@ def test_batching_invariance():
     (alone,) = infer(model, [{"image": big}])
     small_out, big_out = infer(model, [{"image": small}, {"image": big}])
     assert len(alone) == len(big_out) > 0
+    # Float64 rounding (2e-16 relative), amplified by the six stages, stays far below 1e-9 (the
+    # same runs in float32 differ by about 1e-2 px and 7e-6 in the scores).
     torch.testing.assert_close(
-        big_out.pred_boxes.tensor, alone.pred_boxes.tensor, rtol=0, atol=1e-4
+        big_out.pred_boxes.tensor, alone.pred_boxes.tensor, rtol=0, atol=1e-9
     )
-    torch.testing.assert_close(big_out.scores, alone.scores, rtol=0, atol=1e-4)
+    torch.testing.assert_close(big_out.scores, alone.scores, rtol=0, atol=1e-9)
     assert torch.equal(big_out.pred_classes, alone.pred_classes)
     # The small image's detections are in its own frame.
     assert small_out.image_size == (40, 50)
@@ -382,3 +384,86 @@ def test_nms_option():
     assert torch.equal(after.scores, before.scores[kept])
     assert torch.equal(after.pred_classes, before.pred_classes[kept])
     assert torch.equal(after.pred_boxes.tensor, before.pred_boxes.tensor[kept])
+
+
+# ---------------------------------------------------------------------------------------------
+# TEST.DETECTIONS_PER_IMAGE
+# ---------------------------------------------------------------------------------------------
+def _random_head_outputs(seed=11, batch=2):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, NUM_PROPOSALS, NUM_CLASSES, generator=gen) * 3
+    xy = torch.rand(batch, NUM_PROPOSALS, 2, generator=gen) * 40
+    boxes = torch.cat([xy, xy + 5 + torch.rand(batch, NUM_PROPOSALS, 2, generator=gen) * 20], -1)
+    return logits, boxes
+
+
+def _assert_prefix(short, long, count):
+    assert len(short) == count
+    assert torch.equal(short.scores, long.scores[:count])
+    assert torch.equal(short.pred_classes, long.pred_classes[:count])
+    assert torch.equal(short.pred_boxes.tensor, long.pred_boxes.tensor[:count])
+
+
+def test_detections_per_image_default_is_the_number_of_proposals(model):
+    # Detectron2's default is 100; ours is 0 = the number of proposals, the official top-k.
+    from detectron2.config import get_cfg
+
+    assert get_cfg().TEST.DETECTIONS_PER_IMAGE == 100
+    assert make_cfg().TEST.DETECTIONS_PER_IMAGE == 0 and model.detections_per_image == 0
+    (result,) = model.topk_detections(*_random_head_outputs(batch=1), [(64, 96)])
+    assert len(result) == NUM_PROPOSALS
+
+
+@pytest.mark.parametrize("nms", [False, True], ids=["no_nms", "nms"])
+def test_detections_per_image_changes_the_count_and_nothing_else(nms):
+    opts = ["MODEL.SPARSE_RCNN.NMS_ENABLED", nms, "MODEL.SPARSE_RCNN.NMS_THRESH_TEST", 0.3]
+    logits, boxes = _random_head_outputs()
+    sizes = [(64, 96), (80, 80)]
+    default = build_tiny_model(opts).eval().topk_detections(logits, boxes, sizes)
+    if nms:  # boxes of random centres and sizes overlap: NMS at IoU 0.3 removes some
+        assert all(len(r) < NUM_PROPOSALS for r in default)
+    for count in (1, 5, 12):
+        model = build_tiny_model([*opts, "TEST.DETECTIONS_PER_IMAGE", count]).eval()
+        assert model.detections_per_image == count
+        for short, full in zip(model.topk_detections(logits, boxes, sizes), default):
+            _assert_prefix(short, full, min(count, len(full)))
+    # More than the proposals: more (proposal, class) pairs, the default's detections first.
+    model = build_tiny_model([*opts, "TEST.DETECTIONS_PER_IMAGE", 45]).eval()
+    for b, (more, full) in enumerate(zip(model.topk_detections(logits, boxes, sizes), default)):
+        _assert_prefix(full, more, len(full))
+        if not nms:
+            # The top 45 of (proposals x classes), by brute force.
+            candidates = sorted(
+                ((float(torch.sigmoid(logits[b, i, k])), i, k) for i in range(NUM_PROPOSALS)
+                 for k in range(NUM_CLASSES)),
+                reverse=True,
+            )[:45]  # fmt: skip
+            assert len(more) == 45
+            assert more.pred_classes.tolist() == [k for _, _, k in candidates]
+            assert torch.equal(more.pred_boxes.tensor, boxes[b, [i for _, i, _ in candidates]])
+        else:
+            assert len(full) < len(more) <= 45
+
+
+def test_detections_per_image_reaches_the_outputs_from_yaml_and_lazy_config():
+    from detectron2.config import LazyConfig, instantiate
+
+    # The proposal boxes as the detections (all inside the image: none dropped when rescaled).
+    image, proposals = make_image(64, 96, seed=15), _near_duplicate_proposals()
+    inputs = [{"image": image, "height": 128, "width": 192}]
+    (full,) = infer(_fixed_boxes(build_tiny_model(seed=0), proposals), inputs)
+    five = _fixed_boxes(build_tiny_model(["TEST.DETECTIONS_PER_IMAGE", 5], seed=0), proposals)
+    (result,) = infer(five, inputs)
+    assert len(full) == NUM_PROPOSALS and result.image_size == (128, 192)
+    _assert_prefix(result, full, 5)
+    # The LazyConfig model takes the same setting (its yaml twin's default: 0).
+    cfg = LazyConfig.load(str(CONFIG_DIR / "sparse_rcnn_quick_cpu.py"))
+    assert cfg.model.detections_per_image == 0
+    cfg = LazyConfig.apply_overrides(cfg, ["model.detections_per_image=7"])
+    with torch.device("meta"):
+        assert instantiate(cfg.model).detections_per_image == 7
+
+
+def test_negative_detections_per_image_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"TEST\.DETECTIONS_PER_IMAGE .* must be >= 0"):
+        build_tiny_model(["TEST.DETECTIONS_PER_IMAGE", -1])

@@ -1,5 +1,7 @@
 """Dynamic proposal generation of Dynamic Sparse R-CNN, and the Dynamic Sparse R-CNN configs."""
 
+import math
+
 import pytest
 import torch
 from detectron2.structures import Boxes, Instances
@@ -117,6 +119,70 @@ def test_staircase_switch_and_odd_sizes():
     odd = make_features(sizes=[(33, 41), (17, 21), (9, 11), (5, 6)])
     boxes, _ = make_dpg(grid_size=7)(odd, WHWH)
     assert boxes.shape == (2, N, 4) and torch.isfinite(boxes).all()
+
+
+def _hand_made_dpg(staircase):
+    """Two experts of two proposals on one-channel P2-P5 of 4x4, 2x2, 1x1 and 1x1, every
+    depth-wise 3x3 kernel all ones (bias 0, the second stair's second channel 1), a 1 x 1 map
+    (grid_size 1), FC 1 -> 1 (weight 0.01, ReLU) and FC 1 -> 4 (weights 1, 0, 0, 2)."""
+    dpg = DynamicProposalGenerator(
+        num_proposals=2, hidden_dim=3, in_channels=[1, 1, 1, 1], num_experts=2,
+        staircase=staircase, grid_size=1, fc_dim=1,
+    )  # fmt: skip
+    with torch.no_grad():
+        for conv in dpg.stairs:
+            conv.weight.fill_(1.0)
+            conv.bias.zero_()
+        if staircase:
+            dpg.stairs[1].bias[1] = 1.0
+        dpg.fc1.weight.fill_(0.01)
+        dpg.fc1.bias.zero_()
+        dpg.fc2.weight.copy_(torch.tensor([[1.0], [0.0], [0.0], [2.0]]))
+        dpg.fc2.bias.zero_()
+        # Expert 0 and expert 1 boxes, normalised (cx, cy, w, h).
+        dpg.expert_boxes.copy_(
+            torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.5, 0.5, 0.5]],
+                          [[0.5, 0.5, 0.6, 0.8], [0.75, 0.5, 0.5, 0.5]]])  # fmt: skip
+        )
+    return dpg
+
+
+def _hand_made_levels():
+    p2 = torch.arange(16.0).view(1, 1, 4, 4)  # rows 0-3, 4-7, 8-11, 12-15
+    p3 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    return [p2, p3, torch.full((1, 1, 1, 1), 5.0), torch.full((1, 1, 1, 1), -1.0)]
+
+
+@pytest.mark.parametrize("staircase", [True, False])
+def test_expert_weights_worked_by_hand(staircase):
+    dpg = _hand_made_dpg(staircase)
+    if staircase:
+        # Stair 1 (3x3 ones, stride 2, padding 1) on P2: windows rows/cols {-1,0,1} and {1,2,3}:
+        # (0,0) 0+1+4+5 = 10, (0,1) 1+2+3+5+6+7 = 24, (1,0) 4+5+8+9+12+13 = 51,
+        # (1,1) 5+6+7+9+10+11+13+14+15 = 90. Concatenated with P3: 2 channels, 2x2.
+        # Stair 2 on 2x2 -> 1x1, the window (-1..1, -1..1) covers all four: 10+24+51+90 = 175
+        # and 1+2+3+4 + bias 1 = 11. With P4: (175, 11, 5). Stair 3 on 1x1 (only the centre
+        # tap inside): (175, 11, 5). With P5: (175, 11, 5, -1); summed: 190.
+        fused = 190.0
+    else:
+        # Each level's channel sum resized to 1x1 (bilinear, align_corners False: the centre
+        # sample at (size / 2 - 0.5)): P2 (5+6+9+10)/4 = 7.5, P3 (1+2+3+4)/4 = 2.5, P4 5, P5 -1.
+        fused = 14.0
+    features = _hand_made_levels()
+    torch.testing.assert_close(dpg.fused_map(features), torch.tensor([[fused]]))
+    h = 0.01 * fused  # FC1 and ReLU
+    for tau in (1.0, 2.0):
+        # FC2 logits, viewed (experts, proposals): [[h, 0], [0, 2h]], softmax over the experts.
+        w0 = [1 / (1 + math.exp(-h / tau)), 1 / (1 + math.exp(2 * h / tau))]  # expert 0's
+        expected = torch.tensor([[w0, [1 - w0[0], 1 - w0[1]]]])
+        torch.testing.assert_close(dpg.expert_weights(features, tau=tau), expected)
+    # Eq. 3 on the 100 x 80 image, proposal 0: cx, cy 0.5; w 0.2 w0 + 0.6 (1 - w0); h likewise.
+    dpg.eval()  # tau_end = 1
+    boxes, _ = dpg(features, torch.tensor([[100.0, 80.0, 100.0, 80.0]]))
+    a = 1 / (1 + math.exp(-h))
+    w, hh = 0.2 * a + 0.6 * (1 - a), 0.4 * a + 0.8 * (1 - a)
+    expected_box = [50 - 50 * w, 40 - 40 * hh, 50 + 50 * w, 40 + 40 * hh]
+    torch.testing.assert_close(boxes[0, 0], torch.tensor(expected_box))
 
 
 def test_temperature_follows_the_training_iteration():

@@ -16,8 +16,10 @@ PyTorch's MHA fast path against its slow path) grow to pixels after a few stages
 keeps its boxes on the image; the scaled deltas do the same for a random one.
 """
 
+import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,7 +32,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
-from conftest import CONFIG_DIR, TINY_CONFIG, make_cfg
+from conftest import CONFIG_DIR, TINY_CONFIG, build_tiny_model, make_cfg
 from sparse_rcnn import export as sparse_export
 from sparse_rcnn.onnx_predictor import INPUT_NAME, OUTPUT_NAMES, ONNXRuntimePredictor
 
@@ -308,6 +310,100 @@ def test_onnx_predictor_matches_default_predictor(tiny, tmp_path):
         onnx_predictor(bgr[:, :, 0])
 
 
+def _predictor_outputs(predictor, bgr):
+    instances = predictor(bgr)["instances"]
+    return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
+
+
+def _default_predictor(model, cfg, tmp_path):
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")
+    cfg = cfg.clone()
+    cfg.MODEL.WEIGHTS = str(tmp_path / "model.pth")
+    return DefaultPredictor(cfg)
+
+
+def test_onnx_predictor_config_overrides_the_metadata(tiny, tmp_path):
+    # Another test resize than the exported one (128): the config's, as DefaultPredictor's.
+    cfg = tiny.cfg.clone()
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 150
+    bgr = np.random.default_rng(0).integers(0, 256, size=(150, 230, 3), dtype=np.uint8)
+    predictor = ONNXRuntimePredictor(tiny.onnx_path, cfg, num_threads=1)
+    assert (list(predictor.aug.short_edge_length), predictor.aug.max_size) == ([96, 96], 150)
+    expected = _predictor_outputs(_default_predictor(tiny.model, cfg, tmp_path), bgr)
+    assert len(expected[1]) > 0
+    assert_same_detections(expected, _predictor_outputs(predictor, bgr), 1e-4, 1e-3)
+    from_metadata = _predictor_outputs(ONNXRuntimePredictor(tiny.onnx_path, num_threads=1), bgr)
+    assert len(from_metadata[1]) != len(expected[1]) or not torch.allclose(
+        from_metadata[0], expected[0]
+    )  # the override changed the result
+
+
+def test_onnx_predictor_score_threshold_above_the_exported_one(tiny):
+    image = max(tiny.images, key=lambda x: len(eager(tiny.model, x)[1]))  # the network's input
+    exported = ONNXRuntimePredictor(tiny.onnx_path, num_threads=1).run(image.numpy())
+    scores = exported.scores
+    assert len(scores) >= 2 and scores[-1] > tiny.model.score_thresh_test
+    higher = float(scores[-2] + scores[-1]) / 2  # drops the last one
+    cfg = tiny.cfg.clone()
+    cfg.MODEL.SPARSE_RCNN.SCORE_THRESH_TEST = higher
+    predictor = ONNXRuntimePredictor(tiny.onnx_path, cfg, num_threads=1)
+    assert predictor.score_thresh == higher
+    actual = predictor.run(image.numpy())
+    actual = (actual.pred_boxes.tensor, actual.scores, actual.pred_classes)
+    # The exported graph's detections above it, which a model exported with it gives as well.
+    kept = (exported.pred_boxes.tensor, scores, exported.pred_classes)
+    assert_same_detections(tuple(t[:-1] for t in kept), actual, 0, 0)
+    model = copy.deepcopy(tiny.model)
+    model.score_thresh_test = higher
+    assert_same_detections(eager(model, image), actual, 1e-4, 1e-3)
+
+
+def test_onnx_predictor_without_metadata_needs_the_config(tiny, tmp_path):
+    import onnx
+
+    proto = onnx.load(tiny.onnx_path)
+    del proto.metadata_props[:]
+    path = str(tmp_path / "no_metadata.onnx")
+    onnx.save(proto, path)
+    with pytest.raises(
+        ValueError, match=r"no metadata \['input_format'.*ONNXRuntimePredictor\(path, cfg\)"
+    ):
+        ONNXRuntimePredictor(path)
+    bgr = np.random.default_rng(0).integers(0, 256, size=(150, 230, 3), dtype=np.uint8)
+    with_cfg = _predictor_outputs(ONNXRuntimePredictor(path, tiny.cfg, num_threads=1), bgr)
+    with_metadata = _predictor_outputs(ONNXRuntimePredictor(tiny.onnx_path, num_threads=1), bgr)
+    assert len(with_cfg[1]) > 0
+    assert_same_detections(with_metadata, with_cfg, 0, 0)
+
+
+def test_onnx_predictor_refuses_a_foreign_onnx_file(tiny, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "foreign",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, "h", "w"])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = str(tmp_path / "foreign.onnx")
+    onnx.save(proto, path)
+    # Without metadata and without a config: the metadata error, which names the cause too.
+    with pytest.raises(ValueError, match=r"not written by sparse_rcnn\.export"):
+        ONNXRuntimePredictor(path)
+    # With a config, or with our metadata copied in: the inputs and outputs are not ours.
+    expected = r"not a graph written by sparse_rcnn\.export: expected input 'image' and outputs"
+    with pytest.raises(ValueError, match=expected + r".*\['x'\] and \['y'\]"):
+        ONNXRuntimePredictor(path, tiny.cfg)
+    for key, value in tiny.settings.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, path)
+    with pytest.raises(ValueError, match=expected):
+        ONNXRuntimePredictor(path)
+
+
 def _write_sample_image(path):
     rng = np.random.default_rng(1)
     cv2.imwrite(str(path), rng.integers(0, 256, size=(100, 140, 3), dtype=np.uint8))
@@ -518,3 +614,200 @@ def test_traced_fast_pooler_equals_detectron2_pooler_exactly(pooler_type, prepar
         assert set(assign_boxes_to_levels(box_lists, 2, 5, 224, 4).tolist()) == {0, 1, 2, 3}
         reference = reference_pooler(features, box_lists)
         assert torch.equal(traced(boxes[:7], boxes[7:], *features), reference)
+
+
+def test_exported_graph_keeps_detections_per_image(tmp_path):
+    """TEST.DETECTIONS_PER_IMAGE is a constant of the graph (the size of its cut): the exported
+    model returns the first 5 of the default model's detections, at a size other than the export
+    size, in ONNX Runtime and TorchScript, with NMS."""
+    opts = ["MODEL.SPARSE_RCNN.NUM_STAGES", "1", "MODEL.SPARSE_RCNN.NMS_ENABLED", "True"]
+    # Random proposal boxes (the "image" init gives 20 equal boxes) and an NMS that removes some.
+    opts += [
+        "MODEL.SPARSE_RCNN.PROPOSAL_BOX_INIT",
+        "random",
+        "MODEL.SPARSE_RCNN.NMS_THRESH_TEST",
+        "0.2",
+    ]
+    models = {}
+    for count in (0, 5):
+        cfg = make_cfg(TINY_CONFIG, opts + ["TEST.DETECTIONS_PER_IMAGE", str(count)])
+        torch.manual_seed(0)
+        models[count] = well_conditioned(build_model(cfg)).eval()
+    image, other = random_image(96, 128, seed=1), random_image(112, 144, seed=2)
+    full, expected = eager(models[0], other), eager(models[5], other)
+    assert 5 < len(full[1]) < 20 and len(expected[1]) == 5  # NMS removed some of the 20
+    for got, want in zip(expected, full):
+        assert torch.equal(got, want[:5])
+    sparse_export.export_onnx(models[5], image, str(tmp_path / "m.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    assert_same_detections(expected, session.run(None, {INPUT_NAME: other.numpy()}), 1e-4, 1e-3)
+    traced = sparse_export.export_torchscript(models[5], image, str(tmp_path / "m.ts"))
+    with torch.no_grad():
+        assert_same_detections(expected, traced(other), 1e-5, 1e-5 * 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify() on untrained and trained models
+# ---------------------------------------------------------------------------------------------
+def test_match_by_score_and_box_pairs_reordered_detections_and_the_cut():
+    boxes = torch.tensor([[0, 0, 10, 10], [5, 5, 50, 50], [20, 0, 90, 40], [1, 1, 9, 9.0]])
+    boxes = torch.cat([boxes, torch.tensor([[30, 30, 60, 70.0]])])
+    scores = torch.tensor([0.9, 0.0102, 0.0101, 0.0100, 0.0099])
+    classes = torch.tensor([0, 1, 2, 1, 0])
+    expected = (boxes, scores, classes)
+    # Another runtime: scores off by 5e-5 (more than _max_difference's 1e-5 ties), so ranks 1-3
+    # come in another order; at the top-k cut, 0.0099 fell out and another candidate came in.
+    order = [0, 3, 1, 2]
+    actual = (
+        torch.cat([boxes[order] + 1e-4, torch.tensor([[70, 0, 80, 9.0]])]),
+        torch.tensor([0.9, 0.0102 - 5e-5 + 2e-4, 0.0102 - 5e-5, 0.0101 - 5e-5, 0.00985]),
+        torch.cat([classes[order], torch.tensor([2])]),
+    )
+    assert sparse_export._max_difference(expected, actual) is None  # the strict check fails
+    score_diff, box_diff, unpaired = sparse_export._match_by_score_and_box(
+        expected, actual, 1e-3, 0.1
+    )
+    # 0.0100 (rank 3, class 1) pairs with 0.0102 - 5e-5 + 2e-4 (class 1, its box), not with the
+    # class-1 detection of the closer score but another box.
+    assert score_diff == pytest.approx(3.5e-4, abs=1e-7) and box_diff == pytest.approx(
+        1e-4, abs=1e-6
+    )
+    assert unpaired == 2  # 0.0099 and 0.00985, each within 1e-3 of the other run's cut
+    # A frozen size: boxes off by pixels, a class that changes, a detection missing above the cut.
+    moved = (actual[0] + torch.tensor([0, 0, 1.0, 0]), actual[1], actual[2])
+    assert sparse_export._match_by_score_and_box(expected, moved, 1e-3, 0.1) is None
+    other_class = (actual[0], actual[1], torch.tensor([1, 1, 1, 2, 2]))
+    assert sparse_export._match_by_score_and_box(expected, other_class, 1e-3, 0.1) is None
+    missing_top = tuple(t[1:] for t in actual)
+    assert sparse_export._match_by_score_and_box(expected, missing_top, 1e-3, 0.1) is None
+    # Nothing left in the other run: only detections within 1e-3 of the threshold may be missing.
+    empty = (torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    low = tuple(t[3:] for t in expected)
+    assert sparse_export._match_by_score_and_box(low, empty, 1e-3, 0.1, 0.0095)[2] == 2
+    assert sparse_export._match_by_score_and_box(low, empty, 1e-3, 0.1, 0.005) is None
+
+
+def _with_rounding_noise(outputs, seed):
+    """What another runtime gives for a model with near-equal scores: scores off by up to 5e-5
+    (as measured for an untrained R-50), boxes by 1e-4 px, re-sorted; the last detection swapped
+    for a candidate 1e-5 below it (the top-k cut)."""
+    boxes, scores, classes = (torch.as_tensor(np.asarray(t)).clone() for t in outputs)
+    g = torch.Generator().manual_seed(seed)
+    scores = scores + (torch.rand(len(scores), generator=g) - 0.5) * 1e-4
+    boxes = boxes + 1e-4
+    boxes[-1], scores[-1], classes[-1] = boxes[0] + 7, scores[-1] - 1e-5, (classes[-1] + 1) % 3
+    order = scores.argsort(descending=True)
+    return boxes[order], scores[order], classes[order]
+
+
+def _trained_looking(model):
+    """Per-class biases, as training leaves them (an untrained model's are all the prior)."""
+    with torch.no_grad():
+        for stage in model.head.head_series:
+            stage.class_logits.bias.add_(torch.tensor([0.3, -0.2, 0.1]))
+    return model
+
+
+def test_verify_keeps_the_rank_by_rank_check_for_a_trained_model():
+    model = _trained_looking(build_tiny_model(["MODEL.SPARSE_RCNN.NUM_STAGES", 1]).eval())
+    assert not sparse_export._untrained(model)
+    image = random_image(*EXPORT_SIZE, seed=1)
+    calls = []
+
+    def export_copy(copy, folder):
+        calls.append(copy)
+        return lambda x: eager(copy, x)
+
+    # The same detections, in the same order, within rounding: passes.
+    checked = sparse_export.verify(model, lambda x: eager(model, x), image, export_copy)
+    assert set(checked) == {"export size", "size (96, 200)"} and not calls
+    # Two neighbours of another class swapped, scores 5e-5 apart as the rounding of an untrained
+    # model would swap them: a trained model's detections must agree rank by rank.
+    expected = eager(model, image)
+    gaps = (expected[1][:-1] - expected[1][1:]).tolist()
+    i = next(
+        i for i, g in enumerate(gaps) if 1e-5 < g < 1e-3 and expected[2][i] != expected[2][i + 1]
+    )
+    swap = list(range(len(gaps) + 1))
+    swap[i], swap[i + 1] = i + 1, i
+
+    def swapped(x):
+        boxes, scores, classes = eager(model, x)
+        return boxes[swap], scores, classes[swap]
+
+    with pytest.raises(RuntimeError, match="does not reproduce eager inference at the export"):
+        sparse_export.verify(model, swapped, image, export_copy)
+    assert not calls  # a trained model is never checked on a copy
+
+
+def test_verify_tells_rounding_from_a_frozen_size_on_an_untrained_model():
+    model = build_tiny_model(["MODEL.SPARSE_RCNN.NUM_STAGES", 1]).eval()
+    assert sparse_export._untrained(model)
+    image = random_image(*EXPORT_SIZE, seed=1)
+    # The untrained graph itself: boxes off by pixels (rounding amplified by random deltas).
+    blown_up = lambda x: (eager(model, x)[0] + 5, *eager(model, x)[1:])  # noqa: E731
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        sparse_export.verify(model, blown_up, image)  # without a copy: the strict check
+    copies = []
+
+    def rounding_only(copy, folder):
+        copies.append(copy)
+        return lambda x: _with_rounding_noise(eager(copy, x), seed=x.shape[1])
+
+    checked = sparse_export.verify(model, blown_up, image, rounding_only)
+    assert set(checked) == {"export size (damped copy)", "size (96, 200) (damped copy)"}
+    assert all(score <= 1e-4 and box <= 2e-4 for score, box in checked.values())
+    # The copy: box deltas damped by 0.1, nothing else; the model itself unchanged.
+    (copy,) = copies
+    stage, damped = model.head.head_series[0], copy.head.head_series[0]
+    assert torch.equal(damped.bboxes_delta.weight, stage.bboxes_delta.weight * 0.1)
+    assert torch.equal(damped.class_logits.weight, stage.class_logits.weight)
+    fresh = build_tiny_model(["MODEL.SPARSE_RCNN.NUM_STAGES", 1]).eval()
+    assert sparse_export._max_difference(eager(model, image), eager(fresh, image)) == (0.0, 0.0)
+    # The simulated rounding reorders the copy's detections: rank by rank they differ.
+    noisy = _with_rounding_noise(eager(copy, image), seed=EXPORT_SIZE[0])
+    assert sparse_export._max_difference(eager(copy, image), noisy) is None
+
+    # A size frozen into the graph: at the other size, the copy's boxes come out scaled.
+    def frozen(copy, folder):
+        def run(x):
+            boxes, scores, classes = _with_rounding_noise(eager(copy, x), seed=0)
+            scale = 1.0 if tuple(x.shape[1:]) == EXPORT_SIZE else 1.25
+            return boxes * scale, scores, classes
+
+        return run
+
+    with pytest.raises(RuntimeError, match=r"at the size \(96, 200\) either.*frozen"):
+        sparse_export.verify(model, blown_up, image, frozen)
+
+
+def test_export_command_checks_an_untrained_model_on_a_damped_copy(tmp_path, monkeypatch, capsys):
+    """The command on random weights saved by DetectionCheckpointer. The untrained graph's boxes
+    are made to come out pixels off (as a random R-50's do in ONNX Runtime: rounding amplified by
+    random box deltas); the damped copy is exported and checked for real."""
+    real_runner = sparse_export._exported_runner
+    paths = []
+
+    def amplified(fmt, model, image, path, settings):
+        run = real_runner(fmt, model, image, path, settings)
+        paths.append(path)
+        if len(paths) > 1:  # the damped copy's graph
+            return run
+        return lambda x: (run(x)[0] + 5.0, *run(x)[1:])
+
+    monkeypatch.setattr(sparse_export, "_exported_runner", amplified)
+    opts = ["MODEL.SPARSE_RCNN.NUM_STAGES", "1"]
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(make_cfg(TINY_CONFIG, opts)), str(tmp_path)).save("random")
+    out = tmp_path / "out"
+    args = ["--config-file", str(TINY_CONFIG), "--format", "torchscript", "--output", str(out)]
+    args += ["--sample-image", _write_sample_image(tmp_path / "sample.png")]
+    path = sparse_export.main(args + opts + ["MODEL.WEIGHTS", str(tmp_path / "random.pth")])
+    printed = capsys.readouterr().out
+    assert "checked a copy with damped box deltas at the export size" in printed
+    assert re.search(r"checked a copy with damped box deltas at the size \(\d+, \d+\)", printed)
+    assert "no size is frozen into it" in printed and f"Wrote {path}" in printed
+    # The copy went to a temporary folder: the output holds the model's file only.
+    assert (
+        paths[0] == path and not paths[1].startswith(str(out)) and os.listdir(out) == ["model.ts"]
+    )

@@ -224,15 +224,16 @@ DYNAMIC_OPTS = [
 
 
 def test_dynamic_sparse_rcnn_trains_and_its_checkpoint_evaluates(datasets, tmp_path):
+    # Two iterations: that Dynamic Sparse R-CNN learns is
+    # test_dynamic_proposals.py::test_tiny_dynamic_model_overfits_one_batch (a few dozen
+    # iterations over 32 varied images cannot show it with a margin). Here: it trains through
+    # train_net.py (DPG, OTA, the one-to-one losses, the trainer's hooks), its losses are logged,
+    # its checkpoint holds the experts and evaluates with NMS to the COCOeval numbers.
     output_dir = tmp_path / "dynamic"
-    run_main(["--config-file", str(TINY_CONFIG), *train_opts(output_dir), *DYNAMIC_OPTS])
+    run_main(["--config-file", str(TINY_CONFIG), *train_opts(output_dir, 2), *DYNAMIC_OPTS])
     metrics = read_metrics(output_dir)
     losses = [m["total_loss"] for m in metrics]
-    # 40 iterations over 32 varied images lower the logged median loss by only about a tenth, too
-    # little to tell learning from noise with a margin: that Dynamic Sparse R-CNN learns is
-    # test_dynamic_proposals.py::test_tiny_dynamic_model_overfits_one_batch. Here: it trains
-    # through train_net.py, and its checkpoint evaluates.
-    assert len(losses) == MAX_ITER // 20 and all(np.isfinite(losses))
+    assert [m["iteration"] for m in metrics] == [1] and all(np.isfinite(losses))
     assert "loss_cls_stage1_o2o" in metrics[-1]  # the one-to-one losses of "two losses"
     argv = ["--config-file", str(TINY_CONFIG), "--eval-only", *train_opts(tmp_path / "eval")]
     weights = ["MODEL.WEIGHTS", str(output_dir / "model_final.pth")]

@@ -25,7 +25,9 @@ tta = dict(
         vote_thresh=0.65,
         soft_vote_min_score=0.05,
         nms_thresh=0.5,
-        max_detections="${model.proposal_generator.num_proposals}",
+        # Merged detections kept per image; null: the model's detections_per_image (0 there: the
+        # number of proposals, the official), as the yaml TEST.DETECTIONS_PER_IMAGE.
+        max_detections=None,
         batch_size=2,
         input_format="${dataloader.test.mapper.image_format}",
     ),

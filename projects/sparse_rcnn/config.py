@@ -73,6 +73,11 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
     _C.NMS_THRESH_TEST = 0.7
     # Evaluate every stage's detections too (COCO AP per stage, Dynamic Sparse R-CNN figure 6).
     _C.EVAL_PER_STAGE = False
+    # Detections kept per image (Detectron2's key; its default is 100). 0: the number of proposals,
+    # as the official code (top-k over proposals x classes with k = NUM_PROPOSALS), whose numbers
+    # the Sparse R-CNN paper reports. N > 0: the best N after the score threshold and NMS, a prefix
+    # of the detections with any larger value (docs/evaluation.md).
+    cfg.TEST.DETECTIONS_PER_IMAGE = 0
 
     # ---- Dynamic Sparse R-CNN (Hong et al., CVPR 2022; docs/dynamic_sparse_rcnn.md) ----
     # Dynamic label assignment (DLA, section 3.2): used when MATCHER_NAME is "OTAMatcher".
@@ -145,7 +150,8 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
     )  # fmt: skip
     # How the copies' detections are merged: "soft_vote" (class-aware soft box voting, the official
     # "cvpods TTA"), "vote" (the same without the soft copies) or "nms" (class-aware NMS, what
-    # Detectron2's GeneralizedRCNNWithTTA does). At most NUM_PROPOSALS detections are kept.
+    # Detectron2's GeneralizedRCNNWithTTA does). Every copy gives its top NUM_PROPOSALS; at most
+    # TEST.DETECTIONS_PER_IMAGE merged detections are kept (0: NUM_PROPOSALS, the official).
     cfg.TEST.AUG.MERGE = "soft_vote"
     cfg.TEST.AUG.VOTE_THRESH = 0.65  # IoU with the top box from which a box votes in its group
     # Soft voting also keeps each group member with score * (1 - IoU with the top box) if >= this.

@@ -476,7 +476,13 @@ class LazyConfigReader(ConfigReader):
                 "tta.enabled is set but the LazyConfig has no tta.model: import tta from "
                 "configs/common/test_time_augmentation.py."
             )
-        return _instantiate_with(node, model=model)
+        overrides = {"model": model}
+        if node.get("max_detections", None) is None:  # as the yaml TEST.DETECTIONS_PER_IMAGE
+            count = int(_get(self.cfg, "model.detections_per_image", 0) or 0)
+            overrides["max_detections"] = count or int(
+                self.cfg.model.proposal_generator.num_proposals
+            )
+        return _instantiate_with(node, **overrides)
 
     def build_predictor(self):
         from detectron2.data import MetadataCatalog

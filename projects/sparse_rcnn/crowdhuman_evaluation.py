@@ -1,6 +1,7 @@
 """The CrowdHuman evaluation protocol (AP, mMR and Recall at IoU 0.5) used for the Sparse R-CNN
 paper's table 11, as the official evaluation code (``crowdhumantools``, taken from cvpods) computes
-it, and :class:`CrowdHumanEvaluator`, a Detectron2 ``DatasetEvaluator`` that applies it.
+it, the Jaccard index (JI) of the CrowdHuman toolkit as mmdetection's ``CrowdHumanMetric``
+computes it, and :class:`CrowdHumanEvaluator`, a Detectron2 ``DatasetEvaluator`` that applies them.
 
 Do not score CrowdHuman with COCO AP: ``COCOEvaluator`` keeps at most 100 detections per image
 while CrowdHuman images hold more people, and it knows neither ignore regions by IoA nor mMR.
@@ -26,11 +27,31 @@ The protocol (``crowdhuman_metrics``), step by step as the official code does it
 Where the official code crashes we define: no non-ignored ground truth at all gives NaN metrics;
 no kept detection at all gives AP 0, Recall 0, mMR 1; an image without any gtbox counts as an
 image without people (its detections are false positives).
+
+JI (``jaccard_index``; not in the official Sparse R-CNN code, which reports AP, mMR and Recall),
+as mmdetection's ``CrowdHumanMetric.eval_ji`` (from the CrowdDet toolkit) computes it:
+
+1. Boxes are clipped as in step 1. For each score threshold t in 0.0, 0.1, ..., 0.9, per image,
+   the detections with a score above t are matched one to one with the non-ignored ground truth:
+   a maximum bipartite matching (the most pairs; scipy's ``maximum_bipartite_matching``, as
+   mmdetection) over the pairs with IoU >= 0.5 (IoU = inter / max(union, 1e-6); note ">=" here,
+   ">" in AP). k = the number of matched pairs.
+2. Unmatched detections whose IoA with an ignore region (inter / own area) is above 0.5 are not
+   counted: n = detections - those; likewise m = non-ignored ground truth - the unmatched ones
+   inside an ignore region.
+3. The image's ratio is k / (m + n - k + 1e-6); the score of t is the mean ratio over the images
+   with m > 0 or n > 0 (the others do not count). JI is the best score over the thresholds.
+
+mmdetection computes the overlaps in float32, we in float64 (they can differ only for an IoU or
+IoA within float32 rounding of 0.5). Which of several maximum matchings is taken can change n
+and m when an unmatched box lies in an ignore region; scipy's choice is the same as mmdetection's.
+No image with m > 0 or n > 0 at any threshold gives JI NaN.
 """
 
 import itertools
 import json
 import logging
+import math
 import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -41,11 +62,16 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import maximum_bipartite_matching
 
 __all__ = [
     "MR_FPPI_REFERENCE",
+    "JI_SCORE_THRESHOLDS",
     "clip_boxes_to_image",
     "match_image",
+    "jaccard_index_counts",
+    "jaccard_index",
     "crowdhuman_metrics",
     "CrowdHumanEvaluator",
     "is_crowdhuman_dataset",
@@ -56,6 +82,8 @@ logger = logging.getLogger(__name__)
 # FPPI points of the log-average miss rate (Caltech "reasonable", 10^-2 to 10^0), as the official
 # code lists them.
 MR_FPPI_REFERENCE = (0.0100, 0.0178, 0.03160, 0.0562, 0.1000, 0.1778, 0.3162, 0.5623, 1.000)
+# Score thresholds of JI, computed as mmdetection does (0.1 * i).
+JI_SCORE_THRESHOLDS = tuple(0.1 * i for i in range(10))
 _EPS = 1e-6
 
 
@@ -125,6 +153,107 @@ def match_image(
     return dt_scores[keep], labels[keep] == 1
 
 
+def _overlap(a: np.ndarray, b: np.ndarray, over_union: bool) -> np.ndarray:
+    """(A, B) IoU (``over_union``) or IoA (intersection over the area of ``a``'s box), with the
+    denominator at least 1e-6, as mmdetection's ``bbox_overlaps``."""
+    inter, area_a, area_b = _intersections(a, b)
+    denominator = area_a + area_b - inter if over_union else np.broadcast_to(area_a, inter.shape)
+    return inter / np.maximum(denominator, _EPS)
+
+
+class _JIImage:
+    """One image's overlaps for JI, computed once for every score threshold: which (detection,
+    person) pairs may match and which boxes lie in an ignore region."""
+
+    def __init__(self, dt_boxes, dt_scores, gt_boxes, gt_ignore, iou_threshold: float):
+        dt_boxes = np.asarray(dt_boxes, dtype=np.float64).reshape(-1, 4)
+        gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+        gt_ignore = np.asarray(gt_ignore, dtype=bool).reshape(-1)
+        people, regions = gt_boxes[~gt_ignore], gt_boxes[gt_ignore]
+        self.scores = np.asarray(dt_scores, dtype=np.float64).reshape(-1)
+        # (D, P) edges: IoU >= the threshold (mmdetection zeroes the IoUs below it).
+        self.edges = _overlap(dt_boxes, people, over_union=True) >= iou_threshold
+        self.dt_in_region = self._in_regions(dt_boxes, regions, iou_threshold)
+        self.gt_in_region = self._in_regions(people, regions, iou_threshold)
+
+    @staticmethod
+    def _in_regions(boxes: np.ndarray, regions: np.ndarray, iou_threshold: float) -> np.ndarray:
+        if len(boxes) == 0 or len(regions) == 0:
+            return np.zeros(len(boxes), dtype=bool)
+        return _overlap(boxes, regions, over_union=False).max(axis=1) > iou_threshold
+
+    def counts(self, score_threshold: Optional[float] = None) -> Tuple[int, int, int]:
+        """(k, m, n) with the detections above ``score_threshold`` (None: all)."""
+        keep = slice(None) if score_threshold is None else self.scores > score_threshold
+        edges, dt_in_region = self.edges[keep], self.dt_in_region[keep]
+        dt_matched = np.zeros(len(edges), dtype=bool)
+        gt_matched = np.zeros(edges.shape[1], dtype=bool)
+        if edges.any():
+            match = maximum_bipartite_matching(csr_matrix(edges), perm_type="column")  # (D,)
+            dt_matched = match >= 0
+            gt_matched[match[dt_matched]] = True
+        k = int(dt_matched.sum())
+        m = len(gt_matched) - int((self.gt_in_region & ~gt_matched).sum())
+        n = len(dt_matched) - int((dt_in_region & ~dt_matched).sum())
+        return k, m, n
+
+
+def jaccard_index_counts(
+    dt_boxes: np.ndarray, gt_boxes: np.ndarray, gt_ignore: np.ndarray, iou_threshold: float = 0.5
+) -> Tuple[int, int, int]:
+    """(k, m, n) of one image for JI (steps 1-2 of the module docstring).
+
+    Args:
+        dt_boxes: (D, 4) xyxy, already clipped and above the score threshold.
+        gt_boxes: (G, 4) xyxy, already clipped; gt_ignore: (G,) bool, True for ignore regions.
+        iou_threshold: a pair matches from this IoU on; ignore regions absorb above this IoA.
+
+    Returns:
+        k matched pairs, m people and n detections that count (those inside an ignore region
+        and left unmatched excluded).
+    """
+    scores = np.zeros(len(np.asarray(dt_boxes).reshape(-1, 4)))
+    return _JIImage(dt_boxes, scores, gt_boxes, gt_ignore, iou_threshold).counts()
+
+
+def jaccard_index(
+    images: Sequence[Dict[str, np.ndarray]],
+    iou_threshold: float = 0.5,
+    score_thresholds: Sequence[float] = JI_SCORE_THRESHOLDS,
+) -> Tuple[float, float]:
+    """JI of the CrowdHuman toolkit as mmdetection computes it (the module docstring).
+
+    Args:
+        images: as for :func:`crowdhuman_metrics`.
+        iou_threshold: 0.5 in the protocol.
+        score_thresholds: the detections above each are scored; the best is reported.
+
+    Returns:
+        (JI as a fraction in [0, 1], the score threshold that gave it); NaN, NaN if no image has
+        people or detections at any threshold.
+    """
+    prepared = [
+        _JIImage(
+            clip_boxes_to_image(image["dt_boxes"], image["height"], image["width"]),
+            image["dt_scores"],
+            clip_boxes_to_image(image["gt_boxes"], image["height"], image["width"]),
+            image["gt_ignore"],
+            iou_threshold,
+        )
+        for image in images
+    ]
+    best, best_threshold = float("nan"), float("nan")
+    for threshold in score_thresholds:
+        total, counted = 0.0, 0
+        for image in prepared:
+            k, m, n = image.counts(threshold)
+            total += k / (m + n - k + _EPS)
+            counted += int(m > 0 or n > 0)
+        if counted and (math.isnan(best) or total / counted > best):  # the first best
+            best, best_threshold = total / counted, float(threshold)
+    return best, best_threshold
+
+
 def crowdhuman_metrics(
     images: Sequence[Dict[str, np.ndarray]], iou_threshold: float = 0.5
 ) -> Dict[str, float]:
@@ -138,7 +267,8 @@ def crowdhuman_metrics(
         iou_threshold: 0.5 in the protocol.
 
     Returns:
-        {"AP", "mMR", "Recall", "num_images", "num_gt" (non-ignored), "num_ignore"}.
+        {"AP", "mMR", "Recall", "JI", "JI_score_thresh" (the threshold of the best JI),
+        "num_images", "num_gt" (non-ignored), "num_ignore"}.
     """
     scores, is_tp = [], []
     num_gt = num_ignore = 0
@@ -157,7 +287,14 @@ def crowdhuman_metrics(
         scores.append(s)
         is_tp.append(tp)
     num_images = len(images)
-    result = {"num_images": num_images, "num_gt": num_gt, "num_ignore": num_ignore}
+    ji, ji_threshold = jaccard_index(images, iou_threshold)
+    result = {
+        "JI": ji,
+        "JI_score_thresh": ji_threshold,
+        "num_images": num_images,
+        "num_gt": num_gt,
+        "num_ignore": num_ignore,
+    }
     if num_gt == 0:
         logger.warning("CrowdHuman evaluation: no non-ignored ground truth: metrics are NaN")
         return {"AP": float("nan"), "mMR": float("nan"), "Recall": float("nan"), **result}
@@ -197,9 +334,9 @@ def _ground_truth(dataset_dict: dict) -> Tuple[np.ndarray, np.ndarray]:
 
 
 class CrowdHumanEvaluator(DatasetEvaluator):
-    """AP, mMR and Recall at IoU 0.5 of the official CrowdHuman evaluation, in percent, as
-    ``{"crowdhuman": {"AP", "mMR", "Recall"}}``; every detection of every image is kept (no cap
-    at 100 per image).
+    """AP, mMR and Recall at IoU 0.5 of the official CrowdHuman evaluation and the toolkit's JI,
+    in percent, as ``{"crowdhuman": {"AP", "mMR", "Recall", "JI"}}``; every detection of every
+    image is kept (no cap at 100 per image).
 
     The ground truth comes from the dataset dicts (``DatasetCatalog.get(dataset_name)``):
     annotations with ``iscrowd`` are ignore regions. Every image of the dataset counts, as in the
@@ -300,12 +437,13 @@ class CrowdHumanEvaluator(DatasetEvaluator):
                 [by_id[d["image_id"]] for d in dataset_dicts if d["image_id"] in by_id]
             )
         metrics = crowdhuman_metrics(images, self._iou_threshold)
-        results = {k: 100.0 * metrics[k] for k in ("AP", "mMR", "Recall")}
+        results = {k: 100.0 * metrics[k] for k in ("AP", "mMR", "Recall", "JI")}
         logger.info(
             f"CrowdHuman evaluation of {self._dataset_name} ({metrics['num_images']} images, "
             f"{metrics['num_gt']} people, {metrics['num_ignore']} ignore regions, IoU "
             f"{self._iou_threshold}): AP {results['AP']:.2f}, mMR {results['mMR']:.2f}, "
-            f"Recall {results['Recall']:.2f} (in %; mMR: lower is better)"
+            f"Recall {results['Recall']:.2f}, JI {results['JI']:.2f} (at scores above "
+            f"{metrics['JI_score_thresh']:.1f}) (in %; mMR: lower is better)"
         )
         return OrderedDict(crowdhuman=results)
 

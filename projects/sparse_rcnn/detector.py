@@ -52,6 +52,7 @@ class SparseRCNN(nn.Module):
         pixel_std: Tuple[float, float, float],
         score_thresh_test: float = 0.0,
         nms_thresh_test: Optional[float] = None,
+        detections_per_image: int = 0,
         output_all_stages: bool = False,
     ):
         """
@@ -65,6 +66,8 @@ class SparseRCNN(nn.Module):
             pixel_mean, pixel_std: per-channel normalisation, in the input format's channel order.
             score_thresh_test: detections with a score not above this are dropped at inference.
             nms_thresh_test: IoU of class-aware NMS at inference; None disables NMS.
+            detections_per_image: at most this many detections per image (the best ones);
+                0: the number of proposals, the official behaviour (see :meth:`topk_detections`).
             output_all_stages: at inference also return every stage's detections as
                 "stage_instances" (a list, stage 1 first), for per-stage evaluation (paper figure 6
                 of Dynamic Sparse R-CNN). Off by default: it computes every stage's class logits.
@@ -78,6 +81,12 @@ class SparseRCNN(nn.Module):
         self.num_classes = num_classes
         self.score_thresh_test = score_thresh_test
         self.nms_thresh_test = nms_thresh_test
+        if detections_per_image < 0:
+            raise ValueError(
+                "TEST.DETECTIONS_PER_IMAGE (LazyConfig: model.detections_per_image) must be >= 0 "
+                f"(0: the number of proposals), got {detections_per_image}"
+            )
+        self.detections_per_image = int(detections_per_image)
         self.output_all_stages = output_all_stages
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -103,6 +112,7 @@ class SparseRCNN(nn.Module):
             "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
             "score_thresh_test": c.SCORE_THRESH_TEST,
             "nms_thresh_test": c.NMS_THRESH_TEST if c.NMS_ENABLED else None,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "output_all_stages": c.EVAL_PER_STAGE,
         }
 
@@ -251,8 +261,14 @@ class SparseRCNN(nn.Module):
     def topk_detections(
         self, box_cls: torch.Tensor, box_pred: torch.Tensor, image_sizes: List[Tuple[int, int]]
     ) -> List[Instances]:
-        """Top-k over (proposals x classes) with k = number of proposals, sorted by score; then the
-        score threshold and, if enabled, class-aware NMS.
+        """Top-k over (proposals x classes), sorted by score; then the score threshold, class-aware
+        NMS if enabled, and the first ``detections_per_image``.
+
+        The candidates are the top max(N, ``detections_per_image``) (N proposals; the official
+        code keeps the top N and nothing else). Cutting after the threshold and NMS makes the
+        detections with any ``detections_per_image`` a prefix of those with a larger one: the key
+        changes how many detections an image gets, never which (greedy NMS only ever suppresses a
+        box by a higher-scoring one, so the boxes below the cut do not change what is above it).
 
         Args:
             box_cls: (B, N, K) class logits; box_pred: (B, N, 4) xyxy pixels.
@@ -282,11 +298,14 @@ class SparseRCNN(nn.Module):
             image_size: unpadded (h, w) of the image.
 
         Returns:
-            boxes (D, 4) float32, scores (D,), classes (D,) int64, score descending, D <= N.
+            boxes (D, 4) float32, scores (D,), classes (D,) int64, score descending; D is at most
+            ``detections_per_image`` (default: N).
         """
         num_proposals = logits.shape[0]
+        max_detections = self.detections_per_image or num_proposals
         scores = torch.sigmoid(logits.float()).flatten()  # (N * K,)
-        topk_scores, topk_indices = scores.topk(num_proposals)
+        num_candidates = min(max(num_proposals, max_detections), scores.shape[0])
+        topk_scores, topk_indices = scores.topk(num_candidates)
         proposal_idx = topk_indices // self.num_classes
         classes = topk_indices % self.num_classes
         boxes = boxes[proposal_idx].float()
@@ -299,6 +318,12 @@ class SparseRCNN(nn.Module):
             boxes = torch.min(boxes.clamp(min=0), image_whwh)
             keep = _batched_nms(boxes, topk_scores, classes, self.nms_thresh_test)
             topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
+        if max_detections < num_candidates:
+            topk_scores, boxes, classes = (
+                topk_scores[:max_detections],
+                boxes[:max_detections],
+                classes[:max_detections],
+            )
         return boxes, topk_scores, classes
 
     @staticmethod

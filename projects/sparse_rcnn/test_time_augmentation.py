@@ -13,6 +13,7 @@ for every model with Sparse R-CNN's ``inference(batched_inputs, do_postprocess=F
 Sparse R-CNN included.
 """
 
+import contextlib
 import copy
 import logging
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -218,7 +219,10 @@ class SparseRCNNWithTTA(nn.Module):
             vote_thresh: IoU from which boxes vote together (official 0.65).
             soft_vote_min_score: lowest score of a kept soft copy (official 0.05).
             nms_thresh: IoU of the "nms" merge.
-            max_detections: detections kept per image after merging (official: NUM_PROPOSALS).
+            max_detections: detections kept per image after merging (official: NUM_PROPOSALS;
+                from a config: TEST.DETECTIONS_PER_IMAGE, 0 meaning NUM_PROPOSALS). Every copy
+                gives the model's top NUM_PROPOSALS whatever this is (:func:`_every_proposal`), so
+                that it changes how many merged detections are kept, not which.
             batch_size: augmented copies per forward pass. Copies come as (scale 1, scale 1
                 flipped, scale 2, ...), so 2 runs each scale with its flip, two images of the
                 same size, without padding one to the other.
@@ -284,7 +288,9 @@ class SparseRCNNWithTTA(nn.Module):
             "vote_thresh": aug.VOTE_THRESH,
             "soft_vote_min_score": aug.SOFT_VOTE_MIN_SCORE,
             "nms_thresh": aug.NMS_THRESH,
-            "max_detections": cfg.MODEL.SPARSE_RCNN.NUM_PROPOSALS,
+            "max_detections": (
+                cfg.TEST.DETECTIONS_PER_IMAGE or cfg.MODEL.SPARSE_RCNN.NUM_PROPOSALS
+            ),
             "batch_size": aug.BATCH_SIZE if batch_size is None else batch_size,
             "input_format": cfg.INPUT.FORMAT,
             "tta_mapper": tta_mapper,
@@ -319,9 +325,10 @@ class SparseRCNNWithTTA(nn.Module):
         """The model's detections in every input, ``batch_size`` inputs per forward pass; each
         Instances in its input image's frame."""
         outputs = []
-        for start in range(0, len(batched_inputs), self.batch_size):
-            chunk = batched_inputs[start : start + self.batch_size]
-            outputs.extend(self.model.inference(chunk, do_postprocess=False))
+        with _every_proposal(self.model):
+            for start in range(0, len(batched_inputs), self.batch_size):
+                chunk = batched_inputs[start : start + self.batch_size]
+                outputs.extend(self.model.inference(chunk, do_postprocess=False))
         return outputs
 
     def _get_augmented_boxes(
@@ -378,3 +385,19 @@ class SparseRCNNWithTTA(nn.Module):
         result.scores = scores[keep]
         result.pred_classes = classes[keep].long()
         return result
+
+
+@contextlib.contextmanager
+def _every_proposal(model: nn.Module):
+    """The model's official count of detections per copy (its top NUM_PROPOSALS: a
+    ``detections_per_image`` of 0) while TTA runs it, restored afterwards; the merged detections
+    are cut at ``max_detections`` instead. A model without the attribute is left as it is."""
+    count = getattr(model, "detections_per_image", None)
+    if count is None:
+        yield
+        return
+    model.detections_per_image = 0
+    try:
+        yield
+    finally:
+        model.detections_per_image = count

@@ -75,5 +75,7 @@ model = L(SparseRCNN)(
     pixel_std=[58.395, 57.120, 57.375],
     score_thresh_test=0.0,
     nms_thresh_test=None,
+    # At most this many detections per image; 0: the number of proposals (the official top-k).
+    detections_per_image=0,
     output_all_stages=False,
 )
