@@ -10,6 +10,9 @@ from .sparse_rcnn_R_50_FPN_100pro_3x import dataloader, model, optimizer, train,
 
 model.num_classes = 1  # person (full-body box)
 model.proposal_generator.num_proposals = 500
+# All 500 detections per image, no NMS: the protocol needs them (CrowdHuman images hold more than
+# 100 people).
+model.detections_per_image = 500
 
 dataloader.train.dataset.names = "crowdhuman_train"
 dataloader.train.mapper.augmentations.min_size = (640, 672, 704, 736, 768, 800)
