@@ -2,6 +2,6 @@
 # 300-proposal crop setting with DPG + DLA. LazyConfig twin of
 # dynamic_sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml; choices: docs/dynamic_sparse_rcnn.md.
 from .common.models.dynamic_sparse_rcnn import model
-from .sparse_rcnn_R_50_FPN_300pro_crop_3x import dataloader, lr_multiplier, optimizer, train
+from .sparse_rcnn_R_50_FPN_300pro_crop_3x import dataloader, lr_multiplier, optimizer, train, tta
 
 train.output_dir = "output/dynamic_sparse_rcnn_R_50_FPN_300pro_crop_3x"

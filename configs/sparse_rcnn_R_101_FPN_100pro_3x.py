@@ -1,6 +1,6 @@
 # Sparse R-CNN R-101-FPN, 100 proposals, 3x (official model zoo: 44.1 AP). LazyConfig twin of
 # sparse_rcnn_R_101_FPN_100pro_3x.yaml.
-from .sparse_rcnn_R_50_FPN_100pro_3x import dataloader, lr_multiplier, model, optimizer, train
+from .sparse_rcnn_R_50_FPN_100pro_3x import dataloader, lr_multiplier, model, optimizer, train, tta
 
 model.backbone.bottom_up.stages.depth = 101
 train.init_checkpoint = "detectron2://ImageNetPretrained/torchvision/R-101.pkl"

@@ -5,6 +5,7 @@ from .common.data.coco import dataloader
 from .common.models.sparse_rcnn import model
 from .common.optim import AdamW as optimizer
 from .common.schedule import lr_multiplier_3x as lr_multiplier
+from .common.test_time_augmentation import tta
 from .common.train import train
 
 train.output_dir = "output/sparse_rcnn_R_50_FPN_100pro_3x"

@@ -6,7 +6,7 @@ from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import ResNet
 
 from .common.schedule import cosine_schedule
-from .sparse_rcnn_R_50_FPN_100pro_3x import dataloader, model, optimizer, train
+from .sparse_rcnn_R_50_FPN_100pro_3x import dataloader, model, optimizer, train, tta
 
 model.backbone.bottom_up.stem.norm = "BN"
 model.backbone.bottom_up.stages = L(ResNet.make_default_stages)(depth=18, norm="BN")

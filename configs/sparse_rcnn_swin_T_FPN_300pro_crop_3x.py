@@ -7,7 +7,14 @@
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.swin import SwinTransformer
 
-from .sparse_rcnn_R_50_FPN_300pro_crop_3x import dataloader, lr_multiplier, model, optimizer, train
+from .sparse_rcnn_R_50_FPN_300pro_crop_3x import (
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+    tta,
+)
 
 model.backbone.bottom_up = L(SwinTransformer)(
     embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.2

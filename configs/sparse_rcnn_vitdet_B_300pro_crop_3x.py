@@ -13,7 +13,14 @@ from detectron2.modeling import SimpleFeaturePyramid, ViT
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
 
-from .sparse_rcnn_R_50_FPN_300pro_crop_3x import dataloader, lr_multiplier, model, optimizer, train
+from .sparse_rcnn_R_50_FPN_300pro_crop_3x import (
+    dataloader,
+    lr_multiplier,
+    model,
+    optimizer,
+    train,
+    tta,
+)
 
 model.backbone = L(SimpleFeaturePyramid)(
     net=L(ViT)(

@@ -475,7 +475,7 @@ def test_lazy_config_exports_its_weights_and_settings(tmp_path, capsys):
     path = sparse_export.main(args + overrides + [f"train.init_checkpoint={tmp_path}/lazy.pth"])
     printed = capsys.readouterr().out
     assert f"Wrote {path}" in printed and "checked at the size" in printed
-    assert "sparse_rcnn.demo" not in printed  # the demo reads yaml configs only
+    assert f"sparse_rcnn.demo --onnx {path} --config-file {LAZY_QUICK}" in printed  # .py too
 
     session = onnxruntime.InferenceSession(path)
     # The settings of the yaml twin (the same test resize, input format, threshold, classes).

@@ -1,15 +1,12 @@
-"""Training that does not die, and errors that say what to do (issue 14): pre-flight checks, the
-skipping of non-finite steps, kill -9 and --resume, inference input checks, first-contact
-messages."""
+"""Training that does not die, and errors that say what to do: pre-flight checks, the skipping of
+non-finite steps, checkpoint repair and the --resume fallback, inference input checks,
+first-contact messages."""
 
 import copy
 import itertools
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import cv2
 import numpy as np
@@ -25,7 +22,6 @@ from conftest import (
     TINY_CONFIG,
     build_tiny_model,
     make_cfg,
-    registered_synthetic_shapes,
 )
 from sparse_rcnn import (
     checkpoint,
@@ -46,8 +42,6 @@ from test_distributed import make_batch
 
 sys.path.insert(0, str(REPO_ROOT))
 import train_net  # noqa: E402
-
-PREFIX = "robust_shapes"
 
 
 class Records(logging.Handler):
@@ -245,6 +239,63 @@ def test_missing_and_corrupt_checkpoints_are_reported_with_their_path(tmp_path):
     load_model_weights(model, cfg, resume=True)
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
     assert_same(model.state_dict(), trained.state_dict())
+
+
+def _checkpointer_with(folder, names, last):
+    """A DetectionCheckpointer on ``folder`` holding the files ``names`` (each a distinct model),
+    with ``last_checkpoint`` saying ``last``."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    states = {}
+    for seed, name in enumerate(names, start=1):
+        states[name] = build_tiny_model(seed=seed).state_dict()
+        torch.save({"model": states[name]}, folder / name)
+    if last is not None:
+        (folder / "last_checkpoint").write_text(last)
+    return DetectionCheckpointer(build_tiny_model(), save_dir=str(folder)), states
+
+
+@pytest.mark.parametrize(
+    "names, newest",
+    [
+        (["model_0000009.pth", "model_0000019.pth", "model_0000004.pth"], "model_0000019.pth"),
+        (["model_0000019.pth", "model_final.pth", "model_0000009.pth"], "model_final.pth"),
+        ([], None),
+    ],
+)
+def test_an_empty_last_checkpoint_is_repaired_to_the_newest_checkpoint(tmp_path, names, newest):
+    # Several checkpoints: the highest iteration wins; model_final.pth (the end) before any;
+    # none left: the tag is removed and the run starts from the config's weights.
+    checkpointer, states = _checkpointer_with(tmp_path, names, last="")
+    checkpoint.resume_or_load(checkpointer, "", resume=True)
+    if newest is None:
+        assert not (tmp_path / "last_checkpoint").exists()
+        assert_same(checkpointer.model.state_dict(), build_tiny_model().state_dict())
+    else:
+        assert (tmp_path / "last_checkpoint").read_text() == newest
+        assert_same(checkpointer.model.state_dict(), states[newest])
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, records):
+    log = records("sparse_rcnn.checkpoint")
+    names = ["model_0000004.pth", "model_0000009.pth", "model_0000014.pth", "model_0000019.pth"]
+    checkpointer, states = _checkpointer_with(tmp_path, names, last="model_0000019.pth")
+    for name in ("model_0000019.pth", "model_0000014.pth"):  # the two newest are truncated
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    checkpoint.resume_or_load(checkpointer, "", resume=True)
+    assert_same(checkpointer.model.state_dict(), states["model_0000009.pth"])
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    (warning,) = log.messages
+    assert warning.startswith(f"Resuming from {tmp_path / 'model_0000009.pth'}: the newest")
+    assert str(tmp_path / "model_0000019.pth") in warning
+    assert str(tmp_path / "model_0000014.pth") in warning
+    # None readable: the error names every file.
+    (tmp_path / "last_checkpoint").write_text("model_0000019.pth")
+    for name in ("model_0000009.pth", "model_0000004.pth"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="no checkpoint of .* can be read"):
+        checkpoint.resume_or_load(checkpointer, "", resume=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -446,85 +497,13 @@ def test_resumed_loader_continues_the_uninterrupted_stream(grouping):
     assert batches(other, 12) != uninterrupted
 
 
-TRAIN_OPTS = [
-    "DATASETS.TRAIN", f"('{PREFIX}_train',)",
-    "DATASETS.TEST", "()",
-    "SOLVER.MAX_ITER", "8",
-    "SOLVER.CHECKPOINT_PERIOD", "2",
-    "SOLVER.BASE_LR", "0.001",
-    "INPUT.CROP.ENABLED", "True",
-    "SEED", "5",
-]  # fmt: skip
-
-SUBPROCESS = """
-import sys
-sys.path.insert(0, {repo!r})
-from detectron2.engine import default_argument_parser
-from sparse_rcnn import register_synthetic_shapes
-register_synthetic_shapes({root!r}, splits={{"train": 16}}, image_size=96, prefix={prefix!r})
-import train_net
-train_net.main(default_argument_parser().parse_args({argv!r}))
-"""
-
-
-@pytest.fixture(scope="module")
-def resume_dataset(tmp_path_factory):
-    datasets = registered_synthetic_shapes(tmp_path_factory, PREFIX, {"train": 16})
-    root = next(datasets)
-    DatasetCatalog.get(f"{PREFIX}_train")  # generate the files once
-    yield root
-    next(datasets, None)  # unregister
-
-
-def read_last(folder):
-    try:
-        return (folder / "last_checkpoint").read_text().strip()
-    except FileNotFoundError:
-        return ""
+# kill -9 and --resume from a yaml config and its .py twin, bit for bit, also from a truncated
+# newest checkpoint: tests/test_one_path.py.
 
 
 def run_main(argv):
     torch.set_num_threads(1)
     return train_net.main(default_argument_parser().parse_args(argv))
-
-
-def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(resume_dataset, tmp_path):
-    killed = tmp_path / "killed"
-    argv = ["--config-file", str(TINY_CONFIG), *TRAIN_OPTS, "OUTPUT_DIR", str(killed)]
-    code = SUBPROCESS.format(
-        repo=str(REPO_ROOT), root=str(resume_dataset), prefix=PREFIX, argv=argv
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "projects")}
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        deadline = time.time() + 120
-        while not (killed / "last_checkpoint").exists() or not read_last(killed):
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.02)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
-    last = (killed / "last_checkpoint").read_text().strip()
-    assert last != "model_final.pth" and not (killed / "model_final.pth").exists()
-    # The run continues at the checkpoint's iteration, with its optimizer, LR schedule and
-    # proposals (all in the checkpoint) and data order (the loader's seed and stream position).
-    run_main(
-        ["--config-file", str(TINY_CONFIG), "--resume", *TRAIN_OPTS, "OUTPUT_DIR", str(killed)]
-    )
-    uninterrupted = tmp_path / "uninterrupted"
-    run_main(["--config-file", str(TINY_CONFIG), *TRAIN_OPTS, "OUTPUT_DIR", str(uninterrupted)])
-    resumed = torch.load(killed / "model_final.pth", map_location="cpu")
-    reference = torch.load(uninterrupted / "model_final.pth", map_location="cpu")
-    assert resumed["iteration"] == reference["iteration"] == 7
-    assert_same(resumed["model"], reference["model"])
-    initial = torch.load(killed / last, map_location="cpu")["model"]
-    assert any(not torch.equal(initial[k], resumed["model"][k]) for k in initial)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -548,11 +527,30 @@ def test_inference_inputs_empty_list_and_malformed_inputs():
         model([])
 
 
+def test_training_target_with_a_class_id_outside_num_classes_names_it():
+    model = build_tiny_model().train()  # 3 classes
+    batch = make_batch()[2:]  # 4 boxes, 1 box
+    batch[1]["file_name"] = "datasets/seven.png"
+    batch[1]["instances"].gt_classes[0] = 7
+    with pytest.raises(ValueError) as info:
+        model(batch)
+    message = str(info.value)
+    assert "gt_classes id 7" in message and "datasets/seven.png" in message
+    assert "MODEL.SPARSE_RCNN.NUM_CLASSES / model.num_classes 3" in message
+    batch[1]["instances"].gt_classes[0] = -1  # negative ids too
+    with pytest.raises(ValueError, match="gt_classes id -1"):
+        model(batch)
+    batch[1]["instances"].gt_classes[0] = 2  # the largest valid id trains
+    assert all(torch.isfinite(v) for v in model(batch).values())
+
+
 def test_eval_only_with_num_classes_that_do_not_fit_stops_before_inference(
     fake_dataset, monkeypatch, tmp_path
 ):
     name = fake_dataset("robust_val", [record([0])], thing_classes=["a", "b", "c"])
-    monkeypatch.setattr(defaults, "inference_on_dataset", lambda *a, **k: pytest.fail("inference"))
+    monkeypatch.setattr(
+        trainer_module, "inference_on_dataset", lambda *a, **k: pytest.fail("inference")
+    )
     argv = ["--config-file", str(TINY_CONFIG), "--eval-only", "OUTPUT_DIR", str(tmp_path)]
     argv += ["DATASETS.TEST", f"('{name}',)", "MODEL.SPARSE_RCNN.NUM_CLASSES", "2"]
     with pytest.raises(

@@ -27,8 +27,8 @@ import time
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from sparse_rcnn.config_loader import is_lazy_config
 from sparse_rcnn.export import export, setup_model
-from sparse_rcnn.lazy_engine import is_lazy_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 import common  # noqa: E402  (benchmarks/common.py: records, the box-delta scaling)

@@ -32,7 +32,7 @@ import re
 import types
 import zipfile
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -562,18 +562,22 @@ def load_model_weights(model, cfg, resume: bool = False) -> None:
     resume_or_load(checkpointer, cfg.MODEL.WEIGHTS, resume)
 
 
+def _checkpoint_candidates(folder: str) -> List[str]:
+    """The ``model_*.pth`` files of ``folder``, newest first: ``model_final.pth``, then by
+    iteration (``PeriodicCheckpointer`` names them ``model_{iteration:07d}.pth``)."""
+    names = [f for f in os.listdir(folder) if f.startswith("model_") and f.endswith(".pth")]
+    return sorted(names, key=lambda f: (f == "model_final.pth", f), reverse=True)
+
+
 def _repair_last_checkpoint(checkpointer) -> None:
     """A run killed while writing ``last_checkpoint`` leaves it empty (or naming a file that is not
-    there): tag the newest ``model_*.pth`` of the folder instead, with a warning."""
+    there): tag the newest ``model_*.pth`` of the folder instead (``model_final.pth`` first, then
+    the highest iteration), with a warning; without any, remove the tag (a fresh start)."""
     path = checkpointer.get_checkpoint_file()
     if os.path.isfile(path):
         return
     folder = checkpointer.save_dir
-    candidates = sorted(
-        f for f in os.listdir(folder) if f.startswith("model_") and f.endswith(".pth")
-    )
-    final = [f for f in candidates if f == "model_final.pth"]
-    newest = (final or candidates[-1:] or [None])[-1]
+    newest = (_checkpoint_candidates(folder) or [None])[0]
     logger.warning(
         f"{os.path.join(folder, 'last_checkpoint')} names {path!r}, which does not exist (a run "
         f"killed while saving?); resuming from {newest or 'nothing (no model_*.pth there)'}."
@@ -584,15 +588,56 @@ def _repair_last_checkpoint(checkpointer) -> None:
         os.remove(os.path.join(folder, "last_checkpoint"))
 
 
-def resume_or_load(checkpointer, weights: str, resume: bool, load=None):
+def resume_or_load(checkpointer, weights: str, resume: bool, key: str = "MODEL.WEIGHTS"):
+    """``checkpointer.resume_or_load(weights, resume)`` that a preempted job can rely on.
+
+    With ``resume`` and a checkpoint in ``checkpointer.save_dir`` (``last_checkpoint``): the
+    checkpoint it names, with everything in it (model, trainer state). If that file is truncated
+    or unreadable (a run killed while saving), the newest readable ``model_*.pth`` of the folder
+    is loaded instead, with a warning naming both files, and tagged as the last checkpoint. Only
+    when no checkpoint of the folder can be read: a :class:`CorruptCheckpointError` naming them.
+    Otherwise: the model weights of ``weights`` (a missing or corrupt file named in the error,
+    with the config key ``key`` that set it).
+
+    Returns:
+        What ``Checkpointer.load`` returns (the checkpoint's other contents).
+    """
     if resume and checkpointer.has_checkpoint():
         _repair_last_checkpoint(checkpointer)
-    if resume and checkpointer.has_checkpoint():
-        path = checkpointer.get_checkpoint_file()
-    else:
-        path = weights
-        check_weights_file(path)
-    with explain_checkpoint_errors(path):
-        if load is not None:
-            return load()
-        return checkpointer.resume_or_load(weights, resume=resume)
+    if not (resume and checkpointer.has_checkpoint()):
+        check_weights_file(weights, key)
+        with explain_checkpoint_errors(weights):
+            return checkpointer.resume_or_load(weights, resume=resume)
+    folder = checkpointer.save_dir
+    newest = checkpointer.get_checkpoint_file()
+    others = [os.path.join(folder, f) for f in _checkpoint_candidates(folder)]
+    unreadable = []
+    for path in [newest] + [p for p in others if os.path.abspath(p) != os.path.abspath(newest)]:
+        try:
+            with explain_checkpoint_errors(path):
+                loaded = checkpointer.load(path)
+        except CorruptCheckpointError as e:
+            unreadable.append((path, e))
+            # DetectionCheckpointer.load leaves this set when reading fails: clear it for the next.
+            if getattr(checkpointer, "_parsed_url_during_load", None) is not None:
+                checkpointer._parsed_url_during_load = None
+            continue
+        if unreadable:
+            logger.warning(
+                f"Resuming from {path}: the newest checkpoint {newest} cannot be read "
+                f"({unreadable[0][1].__cause__!r}; a run killed while saving?)"
+                + (
+                    f", nor can {', '.join(p for p, _ in unreadable[1:])}"
+                    if len(unreadable) > 1
+                    else ""
+                )
+                + ". The unreadable files are left in place."
+            )
+            checkpointer.tag_last_checkpoint(os.path.basename(path))
+        return loaded
+    files = ", ".join(f"{p} ({os.path.getsize(p)} bytes)" for p, _ in unreadable)
+    raise CorruptCheckpointError(
+        f"--resume: no checkpoint of {folder} can be read: {files} are corrupt or truncated "
+        f"(first error: {unreadable[0][1].__cause__!r}). Delete them and start without --resume, "
+        "or load a complete checkpoint as the config's weights."
+    ) from unreadable[0][1]

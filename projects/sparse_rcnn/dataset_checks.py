@@ -6,7 +6,7 @@ import logging
 import math
 import os
 from collections import Counter
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +30,27 @@ def _dataset_hint(names: Sequence[str]) -> str:
     )
 
 
-def load_dataset_dicts(names: Sequence[str], **kwargs) -> List[Dict]:
-    """``detectron2.data.get_detection_dataset_dicts(names, **kwargs)``; a dataset whose files are
-    missing raises a FileNotFoundError naming ``DETECTRON2_DATASETS`` and the expected layout."""
+def load_dataset_dicts(names: Union[str, Sequence[str]], **kwargs) -> List[Dict]:
+    """``detectron2.data.get_detection_dataset_dicts(names, **kwargs)`` with the built-in
+    (synthetic) datasets among ``names`` generated first; a dataset whose files are missing raises
+    a FileNotFoundError naming ``DETECTRON2_DATASETS`` and the expected layout. The ``dataset`` of
+    the LazyConfig loaders (``configs/common/data/coco.py``)."""
     from detectron2.data import get_detection_dataset_dicts
 
+    from .builtin_datasets import prepare_builtin_dataset
+
+    names = dataset_names(names)
+    for name in names:
+        prepare_builtin_dataset(name)
     try:
-        return get_detection_dataset_dicts(list(names), **kwargs)
+        return get_detection_dataset_dicts(names, **kwargs)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{_dataset_hint(names)}\n(original error: {e})") from e
+
+
+def dataset_names(names: Union[str, Sequence[str]]) -> List[str]:
+    """A dataset name or a sequence of them (as a LazyConfig gives them) as a list."""
+    return [names] if isinstance(names, str) else [str(n) for n in names]
 
 
 def check_dataset_classes(

@@ -3,6 +3,12 @@
     python -m sparse_rcnn.demo --config-file configs/dynamic_sparse_rcnn_dla_only_quick_cpu.yaml \
         --input img1.png img2.png (or a folder) --output out_dir \
         --opts MODEL.WEIGHTS output/demo_cpu/model_final.pth
+    python -m sparse_rcnn.demo --config-file configs/sparse_rcnn_quick_cpu.py \
+        --input img1.png --output out_dir --opts train.init_checkpoint=output/model_final.pth
+
+A yaml config takes ``--opts KEY VALUE`` pairs, a LazyConfig (``.py``) ``--opts key=value``
+overrides (``sparse_rcnn.config_loader``); the weights are ``MODEL.WEIGHTS`` /
+``train.init_checkpoint``, the test resize and input format the config's.
 
 ``--dataset synthetic_shapes_val --num-images 8`` takes the images of a registered dataset instead
 of ``--input`` and draws their ground truth beside the predictions.
@@ -35,9 +41,8 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.visualizer import Visualizer
 
 from .builtin_datasets import prepare_builtin_dataset
-from .config import get_sparse_rcnn_cfg
-from .predictor import SparseRCNNPredictor
-from .runtime import check_device, setup_package_logger
+from .config_loader import config_reader, load_config
+from .runtime import setup_package_logger
 from .visualization import draw_prediction_beside_ground_truth, ground_truth
 
 # Named, not __name__: run as `python -m sparse_rcnn.demo` the module is "__main__".
@@ -50,10 +55,13 @@ FALLBACK_THRESHOLD = 0.5
 
 
 def setup_cfg(config_file: str, opts: List[str], confidence_threshold: float):
-    cfg = get_sparse_rcnn_cfg(config_file, opts)
-    check_device(cfg, command="demo.py")
-    cfg.MODEL.SPARSE_RCNN.SCORE_THRESH_TEST = confidence_threshold
-    cfg.freeze()
+    """The config (yaml with ``KEY VALUE`` options, or a ``.py`` LazyConfig with ``key=value``
+    overrides: ``sparse_rcnn.config_loader``), its device checked, with the score threshold."""
+    cfg = load_config(config_file, opts)
+    run = config_reader(cfg)
+    run.check_device(command="demo.py")
+    run.set_score_threshold(confidence_threshold)
+    run.freeze()
     return cfg
 
 
@@ -175,8 +183,9 @@ def auto_threshold(
     """``--confidence-threshold auto`` (module doc): the threshold and where it came from."""
     labelled = [(p, r) for p, r in zip(predictions, records) if r is not None]
     source = "the drawn images' ground truth"
-    if not labelled and len(cfg.DATASETS.TEST):
-        name = cfg.DATASETS.TEST[0]
+    test_datasets = config_reader(cfg).test_dataset_names
+    if not labelled and test_datasets:
+        name = test_datasets[0]
         prepare_builtin_dataset(name)
         try:
             dataset = DatasetCatalog.get(name)[:num_images]
@@ -220,7 +229,12 @@ def get_parser():
         help="run this exported ONNX graph with ONNX Runtime instead of the PyTorch model "
         "(python -m sparse_rcnn.export); the config gives the dataset and the preprocessing",
     )
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE pairs")
+    parser.add_argument(
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config options: KEY VALUE pairs for a yaml config, key=value for a .py LazyConfig",
+    )
     return parser
 
 
@@ -231,19 +245,24 @@ def main(argv=None):
     # top-k, threshold and NMS commute for the kept ones), so that the demo can report the highest
     # score when nothing passes it.
     cfg = setup_cfg(args.config_file, args.opts, 0.0)
+    run = config_reader(cfg)
     if args.onnx:
         from .onnx_predictor import ONNXRuntimePredictor
 
-        predictor = ONNXRuntimePredictor(args.onnx, cfg)
+        # A LazyConfig's preprocessing is the one the file's metadata records (export wrote it
+        # from that config).
+        predictor = ONNXRuntimePredictor(args.onnx, None if run.lazy else cfg)
     else:
-        if not cfg.MODEL.WEIGHTS:
+        if not run.weights:
             logger.warning(
-                "MODEL.WEIGHTS is empty: the model is untrained (random weights) and its "
-                "detections mean nothing. Add --opts MODEL.WEIGHTS path/to/model_final.pth (e.g. "
-                "output/demo_cpu/model_final.pth after `make demo`)."
+                f"{run.keys['weights']} is empty: the model is untrained (random weights) and its "
+                f"detections mean nothing. Add --opts {run.option('weights', 'path/to/model.pth')}"
+                " (e.g. output/demo_cpu/model_final.pth after `make demo`)."
             )
-        predictor = SparseRCNNPredictor(cfg)  # weights-only; weights that do not fit: an error
-    dataset = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
+        # SparseRCNNPredictor: weights-only; weights that do not fit the model are an error.
+        predictor = run.build_predictor()
+    test_datasets = run.test_dataset_names
+    dataset = test_datasets[0] if test_datasets else "__unused"
     metadata = MetadataCatalog.get(dataset)
     records = {}
     if args.dataset:
@@ -280,7 +299,7 @@ def main(argv=None):
         logger.warning(
             f"No detection scored above --confidence-threshold {threshold:g} in "
             f"{len(paths)} image(s) ({seen}): lower --confidence-threshold"
-            + (" or give trained weights (MODEL.WEIGHTS)." if not cfg.MODEL.WEIGHTS else ".")
+            + (f" or give trained weights ({run.keys['weights']})." if not run.weights else ".")
         )
     return total
 

@@ -192,6 +192,7 @@ class SparseRCNN(nn.Module):
         )
         stage_outputs = self.head(features, proposal_boxes, proposal_features)
         gt_instances = [x["instances"] for x in batched_inputs]
+        check_gt_classes(batched_inputs, self.num_classes)
         targets = prepare_targets(gt_instances, self.device)
         return self.criterion(stage_outputs, targets)
 
@@ -395,3 +396,30 @@ def validate_batched_inputs(batched_inputs, training: bool) -> None:
             )
         if training and "instances" not in x:
             raise ValueError(f"SparseRCNN training needs 'instances' in every input (input {i})")
+
+
+def check_gt_classes(batched_inputs: List[Dict], num_classes: int) -> None:
+    """Raise a ValueError naming the id, the image and the number of classes when a training
+    target's ``gt_classes`` is outside [0, num_classes) (which would otherwise fail deep inside the
+    matcher with an IndexError). One comparison over the whole batch.
+
+    Args:
+        batched_inputs: the training inputs, each with "instances" (gt_classes (G_i,) int64).
+        num_classes: K, the model's number of classes.
+    """
+    classes = [x["instances"].gt_classes for x in batched_inputs]
+    if not classes:
+        return
+    every = torch.cat([c.reshape(-1) for c in classes])
+    if not bool(((every < 0) | (every >= num_classes)).any()):
+        return
+    for index, (x, c) in enumerate(zip(batched_inputs, classes)):
+        bad = c[(c < 0) | (c >= num_classes)]
+        if len(bad):
+            image = x.get("file_name", x.get("image_id", f"input {index} of the batch"))
+            raise ValueError(
+                f"SparseRCNN training: image {image} has gt_classes id {int(bad[0])}, outside "
+                f"[0, {num_classes}) = the model's classes (MODEL.SPARSE_RCNN.NUM_CLASSES / "
+                f"model.num_classes {num_classes}). Set it to the dataset's number of classes, "
+                "or map the dataset's ids to 0 ... K-1."
+            )

@@ -1,13 +1,17 @@
 """The evaluator of a dataset (COCO box AP, or CrowdHuman's metrics) and per-stage evaluation:
 the AP of every iterative stage in one pass (Dynamic Sparse R-CNN, figure 6), with
-``MODEL.SPARSE_RCNN.EVAL_PER_STAGE: True`` so the model returns "stage_instances"."""
+``MODEL.SPARSE_RCNN.EVAL_PER_STAGE: True`` (yaml) or ``model.output_all_stages=True``
+(LazyConfig) so the model returns "stage_instances". One factory for both config systems:
+:func:`build_sparse_rcnn_evaluator` is ``@configurable``."""
 
 import os
 from collections import OrderedDict
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
+from detectron2.config import configurable
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 
+from . import dataset_checks
 from .builtin_datasets import prepare_builtin_dataset
 from .crowdhuman_evaluation import CrowdHumanEvaluator, is_crowdhuman_dataset
 
@@ -35,7 +39,7 @@ class PerStageEvaluator(DatasetEvaluator):
         """
         self.main_evaluator = main_evaluator
         self.stage_evaluators = [
-            make_stage_evaluator(os.path.join(output_folder, f"stage{t + 1}"))
+            make_stage_evaluator(output_folder and os.path.join(output_folder, f"stage{t + 1}"))
             for t in range(num_stages)
         ]
 
@@ -51,7 +55,8 @@ class PerStageEvaluator(DatasetEvaluator):
             if missing:
                 raise KeyError(
                     "PerStageEvaluator needs 'stage_instances' in the model outputs: set "
-                    "MODEL.SPARSE_RCNN.EVAL_PER_STAGE True"
+                    "MODEL.SPARSE_RCNN.EVAL_PER_STAGE True (yaml) or model.output_all_stages=True "
+                    "(LazyConfig)"
                 )
             evaluator.process(inputs, [{"instances": o["stage_instances"][t]} for o in outputs])
 
@@ -63,26 +68,56 @@ class PerStageEvaluator(DatasetEvaluator):
         return results
 
 
-def build_sparse_rcnn_evaluator(cfg, dataset_name: str, output_folder=None):
-    """COCOEvaluator (box AP) on ``dataset_name``; generates a built-in dataset first if needed.
+def _evaluator_from_config(cfg, dataset_name: str, output_folder: Optional[str] = None) -> Dict:
+    return {
+        "dataset_name": dataset_name,
+        "output_dir": output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name),
+        "per_stage": cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE,
+        "num_stages": cfg.MODEL.SPARSE_RCNN.NUM_STAGES,
+    }
 
-    With ``MODEL.SPARSE_RCNN.EVAL_PER_STAGE`` every stage is evaluated too (``bbox_stage{t}``).
+
+@configurable(from_config=_evaluator_from_config)
+def build_sparse_rcnn_evaluator(
+    dataset_name: Union[str, Sequence[str]],
+    *,
+    output_dir: Optional[str] = None,
+    per_stage: bool = False,
+    num_stages: int = 6,
+) -> DatasetEvaluator:
+    """COCOEvaluator (box AP) on ``dataset_name``; generates a built-in dataset first if needed.
 
     Datasets whose metadata has ``evaluator_type == "crowdhuman"`` (``crowdhuman_train``/``_val``)
     get :class:`CrowdHumanEvaluator` (AP, mMR, Recall of the official protocol) instead of COCO
     AP (per stage too: ``crowdhuman_stage{t}``).
+
+    A yaml config calls it as ``build_sparse_rcnn_evaluator(cfg, dataset_name, output_folder)``
+    (``output_folder`` default ``{OUTPUT_DIR}/inference/{dataset_name}``; ``per_stage`` from
+    ``MODEL.SPARSE_RCNN.EVAL_PER_STAGE``), a LazyConfig names it in ``dataloader.evaluator``
+    (``configs/common/data/coco.py``; ``per_stage`` is ``model.output_all_stages``).
+
+    Args:
+        dataset_name: a registered dataset (or a list of one).
+        output_dir: where the evaluator writes its results (stage t: ``{output_dir}/stage{t}``).
+        per_stage: evaluate every stage too (``bbox_stage{t}``); the model must return
+            "stage_instances".
+        num_stages: T, the model's number of stages.
     """
+    names = dataset_checks.dataset_names(dataset_name)
+    if len(names) != 1:
+        raise ValueError(
+            f"build_sparse_rcnn_evaluator evaluates one dataset, got {names}: evaluate each "
+            "dataset on its own (one test loader and evaluator per dataset)."
+        )
+    dataset_name = names[0]
     prepare_builtin_dataset(dataset_name)
-    if output_folder is None:
-        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
 
     def make_evaluator(folder):
         if is_crowdhuman_dataset(dataset_name):
             return CrowdHumanEvaluator(dataset_name, output_dir=folder)
         return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=folder)
 
-    evaluator = make_evaluator(output_folder)
-    if cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE:
-        num_stages = cfg.MODEL.SPARSE_RCNN.NUM_STAGES
-        evaluator = PerStageEvaluator(evaluator, make_evaluator, num_stages, output_folder)
+    evaluator = make_evaluator(output_dir)
+    if per_stage:
+        evaluator = PerStageEvaluator(evaluator, make_evaluator, num_stages, output_dir)
     return evaluator

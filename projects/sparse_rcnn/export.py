@@ -53,17 +53,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.config import CfgNode, instantiate
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.export import TracingAdapter
-from detectron2.modeling import build_model
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .checkpoint import load_inference_weights
-from .config import add_sparse_rcnn_config
-from .lazy_engine import is_lazy_config
+from .config_loader import config_reader, load_config
 from .onnx_predictor import INPUT_NAME, OUTPUT_NAMES
 
 __all__ = [
@@ -449,14 +447,14 @@ def _quiet_onnx_exporter():
         logger.debug(line)
 
 
-def setup_cfg(config_file: str, opts: List[str]) -> CfgNode:
-    cfg = get_cfg()
-    add_sparse_rcnn_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
+def setup_cfg(config_file: str, opts: List[str]):
+    """The config of ``config_file`` (yaml or LazyConfig, ``sparse_rcnn.config_loader``) with
+    ``opts``, on the CPU where the config asks for CUDA and none is available."""
+    cfg = load_config(config_file, opts)
+    run = config_reader(cfg)
+    if run.device.startswith("cuda") and not torch.cuda.is_available():
+        run.set_device("cpu")
+    run.freeze()
     return cfg
 
 
@@ -464,28 +462,20 @@ def setup_model(config_file: str, opts: List[str]) -> Tuple[nn.Module, Dict[str,
     """The model of a config with its weights, in eval mode, and its :func:`export_settings`.
 
     A yaml config takes ``KEY VALUE`` options and loads ``MODEL.WEIGHTS``; a LazyConfig (``.py``)
-    takes ``key=value`` overrides and loads ``train.init_checkpoint``, on the CPU, as
-    ``train_net.py --eval-only`` does (weights-only; a checkpoint that leaves the model untrained
-    is an error: ``sparse_rcnn.checkpoint.load_inference_weights``). Unsupported options fail (a
-    ValueError naming them) before any weights are read.
+    takes ``key=value`` overrides and loads ``train.init_checkpoint``, as ``train_net.py
+    --eval-only`` does (weights-only; a checkpoint that leaves the model untrained is an error:
+    ``sparse_rcnn.checkpoint.load_inference_weights``). Unsupported options fail (a ValueError
+    naming them) before any weights are read.
     """
-    lazy = is_lazy_config(config_file)
-    if lazy:
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), opts)
-    else:
-        cfg = setup_cfg(config_file, opts)
+    cfg = setup_cfg(config_file, opts)
+    run = config_reader(cfg)
     check_exportable(cfg)
     settings = export_settings(cfg)
-    if lazy:
-        model, backbone_key, weights = (
-            instantiate(cfg.model),
-            "model.backbone",
-            cfg.train.init_checkpoint,
-        )
-    else:
-        model, backbone_key, weights = build_model(cfg), "MODEL.BACKBONE.NAME", cfg.MODEL.WEIGHTS
-    check_backbone_exportable(model.backbone, backbone_key)
-    load_inference_weights(model, weights, key="train.init_checkpoint" if lazy else "MODEL.WEIGHTS")
+    model = run.build_model()
+    check_backbone_exportable(
+        model.backbone, "model.backbone" if run.lazy else "MODEL.BACKBONE.NAME"
+    )
+    load_inference_weights(model, run.weights, key=run.keys["weights"])
     return model.eval(), settings
 
 
@@ -815,11 +805,10 @@ def export(
             "from sparse_rcnn.onnx_predictor import ONNXRuntimePredictor\n"
             f"    outputs = ONNXRuntimePredictor({path!r})(bgr_image)"
         )
-        if not is_lazy_config(config_file):  # the demo reads yaml configs
-            how = (
-                f"python -m sparse_rcnn.demo --onnx {path} --config-file {config_file} "
-                f"--input IMAGES --output vis/\n    or in Python: {how}"
-            )
+        how = (
+            f"python -m sparse_rcnn.demo --onnx {path} --config-file {config_file} "
+            f"--input IMAGES --output vis/\n    or in Python: {how}"
+        )
 
     def export_copy(copy, folder):
         return _exported_runner(fmt, copy, image, os.path.join(folder, FORMATS[fmt]), settings)

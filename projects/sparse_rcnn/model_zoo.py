@@ -12,14 +12,13 @@ checkout or an editable install they are read from the repository's ``configs/``
 
 import os
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
-from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
-from detectron2.modeling import build_model
+from detectron2.config import CfgNode
 
 from .checkpoint import SafeDetectionCheckpointer, explain_checkpoint_errors, load_inference_weights
-from .config import add_sparse_rcnn_config
+from .config_loader import config_reader, load_config
 
 __all__ = ["configs_dir", "list_configs", "get_config_file", "get_config", "get"]
 
@@ -65,16 +64,13 @@ def get_config_file(config_path: str) -> str:
     return str(path)
 
 
-def get_config(config_path: str) -> Union[CfgNode, "omegaconf.DictConfig"]:  # noqa: F821
-    """A packaged config: a yacs ``CfgNode`` with the Sparse R-CNN keys for ``.yaml``, a
-    LazyConfig ``DictConfig`` for ``.py``."""
-    path = get_config_file(config_path)
-    if path.endswith(".py"):
-        return LazyConfig.load(path)
-    cfg = get_cfg()
-    add_sparse_rcnn_config(cfg)
-    cfg.merge_from_file(path)
-    return cfg
+def get_config(
+    config_path: str, opts: Sequence = ()
+) -> Union[CfgNode, "omegaconf.DictConfig"]:  # noqa: F821
+    """A packaged config (``config_loader.load_config``): a yacs ``CfgNode`` with the Sparse R-CNN
+    keys for ``.yaml``, a LazyConfig ``DictConfig`` for ``.py``; ``opts`` in the config's syntax
+    (``KEY VALUE`` pairs for yaml, ``key=value`` for ``.py``)."""
+    return load_config(get_config_file(config_path), opts)
 
 
 def get(
@@ -99,14 +95,9 @@ def get(
         allow_unsafe: load a checkpoint that weights-only loading refuses (only files you trust);
             default ``$SPARSE_RCNN_ALLOW_UNSAFE_CHECKPOINT``.
     """
-    cfg = get_config(config_path)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(cfg, CfgNode):
-        cfg.MODEL.DEVICE = device
-        model = build_model(cfg)
-    else:
-        model = instantiate(cfg.model).to(device)
+    run = config_reader(get_config(config_path))
+    run.set_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = run.build_model()
     if weights:
         weights = os.fspath(weights)
         if training:

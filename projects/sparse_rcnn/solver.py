@@ -153,26 +153,49 @@ def paper_lr(ims_per_batch: int) -> float:
 
 
 def check_learning_rate(cfg) -> Optional[str]:
-    """Warn about an AdamW LR far above the paper's (scaled to ``SOLVER.IMS_PER_BATCH``).
+    """:func:`check_adamw_learning_rate` for a yaml config (``SOLVER.OPTIMIZER``,
+    ``SOLVER.BASE_LR``, ``SOLVER.IMS_PER_BATCH``)."""
+    return check_adamw_learning_rate(
+        str(cfg.SOLVER.OPTIMIZER), float(cfg.SOLVER.BASE_LR), int(cfg.SOLVER.IMS_PER_BATCH)
+    )
+
+
+def check_adamw_learning_rate(
+    optimizer: str,
+    lr: float,
+    ims_per_batch: int,
+    *,
+    lr_key: str = "SOLVER.BASE_LR",
+    ims_key: str = "SOLVER.IMS_PER_BATCH",
+    assign: str = " ",
+) -> Optional[str]:
+    """Warn about an AdamW LR far above the paper's (scaled to ``ims_per_batch``).
 
     The most reported failure of the official code: NaN boxes, or a run that learns nothing, with
-    an LR set the Faster R-CNN way. SGD (``SOLVER.OPTIMIZER SGD``) is not checked: the paper gives
-    no SGD LR.
+    an LR set the Faster R-CNN way. Other optimizers (SGD) are not checked: the paper gives no SGD
+    LR.
+
+    Args:
+        optimizer: the optimizer's name ("ADAMW", "AdamW", "SGD", ...).
+        lr: the base LR; ims_per_batch: images per step over all processes.
+        lr_key, ims_key: the config keys of both, for the message (a LazyConfig's are
+            ``optimizer.lr`` and ``dataloader.train.total_batch_size``).
+        assign: how the command line sets a key: " " (yaml ``KEY VALUE``) or "=" (LazyConfig).
 
     Returns:
         The warning (also logged), or None.
     """
-    if str(cfg.SOLVER.OPTIMIZER).upper() != "ADAMW":
+    if optimizer.upper() != "ADAMW":
         return None
-    lr, ims = float(cfg.SOLVER.BASE_LR), int(cfg.SOLVER.IMS_PER_BATCH)
+    lr, ims = float(lr), int(ims_per_batch)
     reference = paper_lr(ims)
     if lr <= LR_WARNING_FACTOR * reference:
         return None
     message = (
-        f"SOLVER.BASE_LR {lr:g} is {lr / reference:.0f}x the paper's AdamW LR for "
-        f"SOLVER.IMS_PER_BATCH {ims} ({PAPER_BASE_LR:g} x {ims}/{PAPER_IMS_PER_BATCH} = "
+        f"{lr_key} {lr:g} is {lr / reference:.0f}x the paper's AdamW LR for "
+        f"{ims_key} {ims} ({PAPER_BASE_LR:g} x {ims}/{PAPER_IMS_PER_BATCH} = "
         f"{reference:.3g}). An LR on the Faster R-CNN scale makes Sparse R-CNN produce NaN boxes "
-        f"or learn nothing; set SOLVER.BASE_LR {reference:.3g} (a model trained from scratch may "
+        f"or learn nothing; set {lr_key}{assign}{reference:.3g} (a model trained from scratch may "
         f"need up to ~100x that)."
     )
     logger.warning(message)
