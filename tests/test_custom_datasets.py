@@ -252,11 +252,21 @@ def test_training_on_a_registered_coco_json_takes_its_class_count(trained):
     assert MetadataCatalog.get("trees_train").thing_classes == ["tree"]
 
 
-def test_eval_only_with_register_coco_gives_the_training_evaluation(trained, trees):
+@pytest.fixture
+def fresh_process(trees):
+    """The trees datasets unregistered, as in a new command's process."""
+    for name in trees:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
+def test_eval_only_with_register_coco_gives_the_training_evaluation(trained, trees, fresh_process):
     output_dir, evaluation = trained
+    # docs/custom_datasets.md's command: the config training wrote, the test set registered.
     eval_results = run_train_net(
         ["--config-file", str(output_dir / "config.yaml"), "--eval-only"]
-        + register_args(trees, "trees_train", "trees_val")
+        + register_args(trees, "trees_val")
         + ["MODEL.WEIGHTS", str(output_dir / "model_final.pth")]
         + ["OUTPUT_DIR", str(output_dir / "eval")]
     )
@@ -278,19 +288,16 @@ def demo_run(monkeypatch, argv):
 
 
 def test_demo_with_ground_truth_uses_its_class_names_and_threshold(
-    trained, trees, tmp_path, monkeypatch, no_generation
+    trained, trees, tmp_path, monkeypatch, no_generation, fresh_process
 ):
     output_dir, _ = trained
     weights = str(output_dir / "model_final.pth")
-    # A fresh command: the base config (3 classes, the built-in datasets) and --register-coco.
-    DatasetCatalog.remove("trees_val")
-    MetadataCatalog.remove("trees_val")
+    # docs/custom_datasets.md's command: the config training wrote, the test set registered.
     drawn = demo_run(
         monkeypatch,
-        ["--config-file", str(TINY_CONFIG), *register_args(trees, "trees_train", "trees_val")]
+        ["--config-file", str(output_dir / "config.yaml"), *register_args(trees, "trees_val")]
         + ["--dataset", "trees_val", "--output", str(tmp_path / "vis")]
-        + ["--opts", "DATASETS.TRAIN", "('trees_train',)", "MODEL.WEIGHTS", weights]
-        + ["MODEL.SPARSE_RCNN.NUM_STAGES", "2"],
+        + ["--opts", "MODEL.WEIGHTS", weights],
     )
     assert len(drawn) == 4 and all(names == ["tree"] for _, names, _ in drawn)
     # The threshold is the F1-optimal one of these images' ground truth.
@@ -303,20 +310,21 @@ def test_demo_with_ground_truth_uses_its_class_names_and_threshold(
 
 
 def test_demo_without_ground_truth_uses_the_fixed_threshold_and_the_training_names(
-    trained, trees, tmp_path, monkeypatch, no_generation
+    trained, trees, tmp_path, monkeypatch, no_generation, fresh_process
 ):
     output_dir, _ = trained
-    images = [r["file_name"] for r in DatasetCatalog.get("trees_val")[:2]]
+    images = [f"{trees['trees_val'][1]}/00000{i}.png" for i in (1, 2)]
+    # The base config (3 classes, the built-in datasets): the class count and names of the
+    # registered training set that the options name.
     drawn = demo_run(
         monkeypatch,
-        ["--config-file", str(output_dir / "config.yaml"), "--input", *images]
+        ["--config-file", str(TINY_CONFIG), "--input", *images]
         + register_args(trees, "trees_train")
-        + ["--output", str(tmp_path / "vis"), "--opts", "MODEL.WEIGHTS"]
-        + [str(output_dir / "model_final.pth")],
+        + ["--output", str(tmp_path / "vis"), "--opts", "DATASETS.TRAIN", "('trees_train',)"]
+        + ["MODEL.WEIGHTS", str(output_dir / "model_final.pth")]
+        + ["MODEL.SPARSE_RCNN.NUM_STAGES", "2"],
     )
-    assert [(t, names, r) for t, names, r in drawn] == [
-        (demo.FALLBACK_THRESHOLD, ["tree"], None)
-    ] * 2
+    assert drawn == [(demo.FALLBACK_THRESHOLD, ["tree"], None)] * 2
     assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["000001.png", "000002.png"]
 
 
