@@ -208,9 +208,14 @@ def auto_threshold(
     labelled = [(p, r) for p, r in zip(predictions, records) if r is not None]
     threshold = f1_optimal_threshold(*zip(*labelled)) if labelled else None
     if threshold is None:
+        why = (
+            "no box in the drawn images' ground truth, or no detection"
+            if labelled
+            else "the drawn images have no ground truth"
+        )
         return FALLBACK_THRESHOLD, (
-            "the drawn images have no ground truth: Detectron2's demo default; --dataset NAME "
-            "(with --register-coco for your own COCO json) chooses it from the ground truth"
+            f"{why}: Detectron2's demo default; --dataset NAME (with --register-coco for your own "
+            "COCO json) chooses it from the ground truth"
         )
     return threshold, f"highest F1 at IoU 0.5 on the ground truth of the {len(labelled)} images"
 
