@@ -592,8 +592,9 @@ def test_demo_warns_untrained_and_reports_the_highest_score(tmp_path, records):
     argv += [str(tmp_path / "out"), "--confidence-threshold", "0.999"]
     torch.manual_seed(0)
     assert demo_module.main(argv) == 0
-    untrained, nothing = log.messages
+    untrained, names, nothing = log.messages
     assert "MODEL.WEIGHTS is empty: the model is untrained" in untrained
+    assert names == "Class names from dataset synthetic_shapes_train: rectangle, ellipse, triangle"
     # The same (seeded, untrained) model's best score.
     torch.manual_seed(0)
     cfg = demo_module.setup_cfg(str(TINY_CONFIG), [], 0.0)

@@ -158,7 +158,7 @@ def test_default_predictor_and_demo(trained, datasets, tmp_path):
     path = str(sorted((datasets / "synthetic_shapes").glob("val_*/*.png"))[0])
     everything, _ = draw_predictions(predictor, path, MetadataCatalog.get(f"{PREFIX}_val"))
     top_two, drawn = draw_predictions(predictor, path, MetadataCatalog.get(f"{PREFIX}_val"), 2)
-    assert len(everything) > 2 and drawn.shape == (96, 96, 3)
+    assert len(everything) > 2 and drawn.shape == (512, 512, 3)  # 96 px drawn upscaled
     assert top_two.scores.tolist() == everything.scores.sort(descending=True).values[:2].tolist()
 
     val_images = sorted((datasets / "synthetic_shapes").glob("val_*/*.png"))[:2]

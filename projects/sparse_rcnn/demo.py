@@ -3,23 +3,27 @@
     python -m sparse_rcnn.demo --config-file configs/dynamic_sparse_rcnn_dla_only_quick_cpu.yaml \
         --input img1.png img2.png (or a folder) --output out_dir \
         --opts MODEL.WEIGHTS output/demo_cpu/model_final.pth
-    python -m sparse_rcnn.demo --config-file configs/sparse_rcnn_quick_cpu.py \
-        --input img1.png --output out_dir --opts train.init_checkpoint=output/model_final.pth
-
-A yaml config takes ``--opts KEY VALUE`` pairs, a LazyConfig (``.py``) ``--opts key=value``
-overrides (``sparse_rcnn.config_loader``); the weights are ``MODEL.WEIGHTS`` /
-``train.init_checkpoint``, the test resize and input format the config's.
 
 ``--dataset synthetic_shapes_val --num-images 8`` takes the images of a registered dataset instead
-of ``--input`` and draws their ground truth beside the predictions.
+of ``--input`` and draws their ground truth beside the predictions. Your own COCO-format set is
+registered on the command line (``sparse_rcnn.custom_datasets``)::
+
+    python -m sparse_rcnn.demo --config-file output/trees/config.yaml \
+        --register-coco trees_val trees/val.json trees/images --dataset trees_val \
+        --output vis/ --opts MODEL.WEIGHTS output/trees/model_final.pth
+
+The boxes are labelled with the class names of ``--dataset``, else of the training set the model
+learned (the config's ``DATASETS.TRAIN``: its metadata or COCO json), else of the config's test
+set; without any, with class ids and a warning that says how to name them. Images smaller than
+512 px are drawn upscaled, so that the labels can be read.
 
 The default ``--confidence-threshold auto`` suits the model shown: a short-schedule model trained
 from scratch scores its correct detections far below Detectron2's fixed 0.5 (the main job's
-model: about 0.3), a COCO model above it. ``auto`` is the score threshold at
-which the detections best match the ground truth (highest F1 at IoU 0.5, same class, each ground
-truth box matched once, as COCO matches): of the drawn images when they come from ``--dataset``,
-otherwise of the first ``--num-images`` images of the config's ``DATASETS.TEST[0]`` when its files
-are there, otherwise 0.5. The chosen value and where it came from are logged.
+model: about 0.3), a COCO model above it. ``auto`` is the score threshold at which the detections
+of the drawn images best match their ground truth (highest F1 at IoU 0.5, same class, each ground
+truth box matched once, as COCO matches); images without ground truth (``--input``) get
+Detectron2's fixed 0.5. The chosen value and where it came from are logged. Nothing is generated
+or read besides the images drawn (and the class names).
 
 ``--onnx model.onnx`` runs an exported graph with ONNX Runtime instead of the
 PyTorch model (``python -m sparse_rcnn.export``).
@@ -34,7 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Boxes, Instances, pairwise_iou
@@ -42,6 +47,16 @@ from detectron2.utils.visualizer import Visualizer
 
 from .builtin_datasets import prepare_builtin_dataset
 from .config_loader import config_reader, load_config
+from .custom_datasets import (
+    add_register_coco_argument,
+    check_registered,
+    config_num_classes,
+    dataset_class_names,
+    opts_with_dataset_num_classes,
+    register_from_args,
+    test_dataset_names,
+    train_dataset_names,
+)
 from .runtime import setup_package_logger
 from .visualization import draw_prediction_beside_ground_truth, ground_truth
 
@@ -52,6 +67,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 AUTO = "auto"
 # ``auto`` without any ground truth to choose by: Detectron2's demo default.
 FALLBACK_THRESHOLD = 0.5
+# Images are drawn upscaled to at least this many pixels on their longer side.
+MIN_DRAWN_SIZE = 512
 
 
 def setup_cfg(config_file: str, opts: List[str], confidence_threshold: float):
@@ -100,20 +117,27 @@ def draw_predictions(
     return render(image_bgr, instances, metadata, max_detections, confidence_threshold, record)
 
 
+def drawing_scale(image: np.ndarray) -> float:
+    """The upscaling of an (H, W, ...) image's drawing: to :data:`MIN_DRAWN_SIZE` px on its longer
+    side, never down (a 128-px image is drawn 4x, labels stay the font's size)."""
+    return max(1.0, MIN_DRAWN_SIZE / max(image.shape[:2]))
+
+
 def render(
     image_bgr, instances, metadata, max_detections=None, confidence_threshold=None, record=None
 ):
-    """Select detections as :func:`draw_predictions` does; return them and the drawn image."""
+    """Select detections as :func:`draw_predictions` does; return them and the drawn image
+    (upscaled by :func:`drawing_scale`; Detectron2's ``Visualizer`` without a ``record``)."""
     if confidence_threshold is not None:
         instances = instances[instances.scores > confidence_threshold]
     if max_detections is not None:
         instances = instances[instances.scores.argsort(descending=True)[:max_detections]]
+    scale = drawing_scale(image_bgr)
     if record is not None:
-        scale = max(1.0, 512.0 / max(image_bgr.shape[:2]))
         classes = metadata.get("thing_classes", [])
         drawn = draw_prediction_beside_ground_truth(image_bgr, instances, record, classes, scale)
         return instances, drawn
-    visualizer = Visualizer(image_bgr[:, :, ::-1], metadata)
+    visualizer = Visualizer(image_bgr[:, :, ::-1], metadata, scale=scale)
     drawn = visualizer.draw_instance_predictions(instances).get_image()[:, :, ::-1]
     return instances, drawn
 
@@ -178,29 +202,45 @@ def f1_optimal_threshold(
 
 
 def auto_threshold(
-    predictor, predictions: List[Instances], records: List[Optional[Dict]], cfg, num_images: int
+    predictions: List[Instances], records: List[Optional[Dict]]
 ) -> Tuple[float, str]:
-    """``--confidence-threshold auto`` (module doc): the threshold and where it came from."""
+    """``--confidence-threshold auto`` (module doc): the threshold for the drawn images and where
+    it came from: their ground truth (``records``, None for an image without), else
+    :data:`FALLBACK_THRESHOLD`. Nothing else is read."""
     labelled = [(p, r) for p, r in zip(predictions, records) if r is not None]
-    source = "the drawn images' ground truth"
-    test_datasets = config_reader(cfg).test_dataset_names
-    if not labelled and test_datasets:
-        name = test_datasets[0]
-        prepare_builtin_dataset(name)
-        try:
-            dataset = DatasetCatalog.get(name)[:num_images]
-        except (KeyError, FileNotFoundError, OSError, AssertionError):
-            dataset = []  # not registered, or its files are not on this machine
-        dataset = [r for r in dataset if os.path.isfile(r["file_name"])]
-        labelled = [
-            (predictor(read_image(r["file_name"], format="BGR"))["instances"].to("cpu"), r)
-            for r in dataset
-        ]
-        source = f"the ground truth of {len(dataset)} images of {name}"
     threshold = f1_optimal_threshold(*zip(*labelled)) if labelled else None
     if threshold is None:
-        return FALLBACK_THRESHOLD, "no ground truth to choose by: Detectron2's demo default"
-    return threshold, f"highest F1 at IoU 0.5 on {source}"
+        why = (
+            "no box in the drawn images' ground truth, or no detection"
+            if labelled
+            else "the drawn images have no ground truth"
+        )
+        return FALLBACK_THRESHOLD, (
+            f"{why}: Detectron2's demo default; --dataset NAME (with --register-coco for your own "
+            "COCO json) chooses it from the ground truth"
+        )
+    return threshold, f"highest F1 at IoU 0.5 on the ground truth of the {len(labelled)} images"
+
+
+def class_names(cfg, dataset: Optional[str] = None) -> Tuple[Optional[List[str]], str]:
+    """The names of the model's classes for the labels, and where they came from: those of
+    ``dataset`` (``--dataset``), else of the config's first training set (the classes the model
+    learned), else of its first test set (:func:`sparse_rcnn.custom_datasets.dataset_class_names`:
+    metadata or COCO json; nothing is generated). ``(None, why)`` when none is known, or when
+    their number is not the model's class count."""
+    candidates = [dataset] if dataset else []
+    candidates += train_dataset_names(cfg)[:1] + test_dataset_names(cfg)[:1]
+    for name in candidates:
+        names = dataset_class_names(name)
+        if names is None:
+            continue
+        if len(names) != config_num_classes(cfg):
+            return None, (
+                f"dataset {name} has {len(names)} classes but the model {config_num_classes(cfg)}"
+            )
+        return names, f"dataset {name}"
+    tried = ", ".join(candidates) or "none in the config"
+    return None, f"no registered dataset with class names among {tried}"
 
 
 def _threshold(text: str):
@@ -229,6 +269,7 @@ def get_parser():
         help="run this exported ONNX graph with ONNX Runtime instead of the PyTorch model "
         "(python -m sparse_rcnn.export); the config gives the dataset and the preprocessing",
     )
+    add_register_coco_argument(parser)
     parser.add_argument(
         "--opts",
         default=[],
@@ -241,6 +282,10 @@ def get_parser():
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_package_logger()
+    register_from_args(args)
+    if args.dataset:
+        check_registered(args.dataset, "--dataset")  # before the model: an error naming the fix
+    args.opts = opts_with_dataset_num_classes(args.config_file, args.opts)
     # The model keeps every detection; the threshold is applied here (the same detections, as
     # top-k, threshold and NMS commute for the kept ones), so that the demo can report the highest
     # score when nothing passes it.
@@ -261,17 +306,24 @@ def main(argv=None):
             )
         # SparseRCNNPredictor: weights-only; weights that do not fit the model are an error.
         predictor = run.build_predictor()
-    test_datasets = run.test_dataset_names
-    dataset = test_datasets[0] if test_datasets else "__unused"
-    metadata = MetadataCatalog.get(dataset)
     records = {}
     if args.dataset:
-        prepare_builtin_dataset(args.dataset)
+        prepare_builtin_dataset(args.dataset)  # the built-in one asked for: generated if needed
         records = {r["file_name"]: r for r in DatasetCatalog.get(args.dataset)[: args.num_images]}
         paths = list(records)
-        metadata = MetadataCatalog.get(args.dataset)
     else:
         paths = expand_inputs(args.input)
+    names, names_source = class_names(cfg, args.dataset)
+    if names is None:
+        logger.warning(
+            f"The boxes are labelled with class ids: {names_source}. Register the training set "
+            "(--register-coco NAME JSON IMAGE_ROOT) and name it in the config's DATASETS.TRAIN "
+            "to label them with its class names."
+        )
+    else:
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        logger.info(f"Class names from {names_source}: {shown}")
+    metadata = Metadata(name="sparse_rcnn.demo", thing_classes=names or [])
     if not paths:
         raise SystemExit(f"No images found in {args.input or args.dataset}")
     os.makedirs(args.output, exist_ok=True)
@@ -279,9 +331,7 @@ def main(argv=None):
     predictions = [predictor(image)["instances"].to("cpu") for image in images]
     threshold = args.confidence_threshold
     if threshold == AUTO:
-        threshold, source = auto_threshold(
-            predictor, predictions, [records.get(p) for p in paths], cfg, args.num_images
-        )
+        threshold, source = auto_threshold(predictions, [records.get(p) for p in paths])
         logger.info(f"--confidence-threshold auto: {threshold:.3f} ({source})")
     total, highest = 0, float("-inf")
     for path, image_bgr, everything in zip(paths, images, predictions):

@@ -8,7 +8,10 @@
 
 A yaml config takes ``KEY VALUE`` options, a LazyConfig (``.py``) ``key=value`` overrides and its
 weights from ``train.init_checkpoint`` (as ``train_net.py --eval-only``); Detectron2's Swin, ViT
-and MViT backbones are refused (:func:`check_backbone_exportable`).
+and MViT backbones are refused (:func:`check_backbone_exportable`). ``--register-coco NAME JSON
+IMAGE_ROOT`` registers a COCO-format dataset (``sparse_rcnn.custom_datasets``): the class count
+comes from the config's training set unless the options give it, and the sample image from the
+dataset.
 
 The conventions of Detectron2's ``tools/deploy/export_model.py``: the graph computes an inference
 function that stops before ``detector_postprocess`` (:func:`inference_func`); the rescaling to the
@@ -62,6 +65,12 @@ from torch import nn
 
 from .checkpoint import load_inference_weights
 from .config_loader import config_reader, load_config
+from .custom_datasets import (
+    add_register_coco_argument,
+    first_image,
+    opts_with_dataset_num_classes,
+    register_from_args,
+)
 from .onnx_predictor import INPUT_NAME, OUTPUT_NAMES
 
 __all__ = [
@@ -751,7 +760,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sample-image",
         default=None,
-        help="image to trace with (default: the first image of synthetic_shapes_val)",
+        help="image to trace with (default: the first image of the first --register-coco "
+        "dataset, else of synthetic_shapes_val)",
     )
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument(
@@ -759,6 +769,7 @@ def get_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not compare the exported graph with eager inference after exporting",
     )
+    add_register_coco_argument(parser)
     parser.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
@@ -824,12 +835,13 @@ def main(argv=None) -> str:
             "--export-method scripting is not supported: the model passes Python lists of "
             "Boxes/Instances between modules, which TorchScript cannot compile; use tracing."
         )
+    registered = register_from_args(args)
     path, _, how = export(
         args.config_file,
-        args.opts,
+        opts_with_dataset_num_classes(args.config_file, args.opts),
         args.output,
         args.format,
-        args.sample_image,
+        args.sample_image or first_image(registered),
         check=not args.skip_verify,
     )
     print(f"Wrote {path}\nRun it with:\n    {how}")
