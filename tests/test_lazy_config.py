@@ -30,6 +30,8 @@ TWINS = [
     "sparse_rcnn_R_101_FPN_300pro_crop_3x",
     "dynamic_sparse_rcnn_R_50_FPN_300pro_crop_3x",
     "sparse_rcnn_quick_cpu",
+    "queryinst_R_50_FPN_1x",
+    "dynamic_queryinst_R_50_FPN_300pro_crop_3x",
 ]
 
 
@@ -218,7 +220,9 @@ def test_lazy_optimizer_is_the_yaml_optimizer():
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["sparse_rcnn_R_50_FPN_100pro_3x", "sparse_rcnn_quick_cpu"])
+@pytest.mark.parametrize(
+    "name", ["sparse_rcnn_R_50_FPN_100pro_3x", "sparse_rcnn_quick_cpu", "queryinst_R_50_FPN_1x"]
+)
 def test_lazy_lr_schedule_is_the_yaml_schedule(name):
     cfg = yaml_cfg(name)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -557,3 +557,93 @@ def test_export_refuses_mask_configs(tmp_path):
     with pytest.raises(ValueError, match="QueryInst's mask head is not exported"):
         export.main(args)
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: train_net.py --eval-only with COCOEvaluator's bbox and segm
+# ---------------------------------------------------------------------------------------------
+EVAL_PREFIX = "qi_shapes"
+
+
+@pytest.fixture(scope="module")
+def mask_datasets(tmp_path_factory):
+    from conftest import registered_synthetic_shapes
+
+    yield from registered_synthetic_shapes(tmp_path_factory, EVAL_PREFIX, {"val": 6}, 96)
+
+
+def test_eval_only_gives_bbox_and_segm_ap(mask_datasets, tmp_path, caplog):
+    import json
+    import sys
+
+    from detectron2.data import MetadataCatalog
+    from detectron2.engine import default_argument_parser
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT))
+    import train_net
+
+    # Untrained, with the box deltas zeroed: the detections are the grid of proposal boxes (a
+    # random head would throw every box off the image).
+    grid = ["MODEL.SPARSE_RCNN.PROPOSAL_BOX_INIT", "grid"]
+    model = build_tiny_model(MASK_OPTS + grid, seed=7)
+    with torch.no_grad():
+        for stage in model.head.head_series:
+            stage.bboxes_delta.weight.zero_()
+            stage.bboxes_delta.bias.zero_()
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")
+    opts = [
+        *MASK_OPTS,
+        *grid,
+        "INPUT.MASK_FORMAT", "bitmask",
+        "MODEL.WEIGHTS", str(tmp_path / "model.pth"),
+        "DATASETS.TEST", f"('{EVAL_PREFIX}_val',)",
+        "OUTPUT_DIR", str(tmp_path / "out"),
+    ]  # fmt: skip
+    args = ["--eval-only", "--config-file", str(TINY_CONFIG), *opts]
+    torch.set_num_threads(1)
+    with caplog.at_level(logging.INFO):
+        results = train_net.main(default_argument_parser().parse_args(args))
+    assert set(results) == {"bbox", "segm"}
+    for task in ("bbox", "segm"):
+        assert {"AP", "AP50", "AP75"} <= set(results[task])
+    # The detections json has every detection's mask as RLE of the image, and segm AP is the one
+    # pycocotools computes from it.
+    with open(
+        tmp_path / "out" / "inference" / f"{EVAL_PREFIX}_val" / "coco_instances_results.json"
+    ) as f:
+        detections = json.load(f)
+    assert detections and all(d["segmentation"]["size"] == [96, 96] for d in detections)
+    gt = COCO(MetadataCatalog.get(f"{EVAL_PREFIX}_val").json_file)
+    for task in ("bbox", "segm"):
+        coco_eval = COCOeval(gt, gt.loadRes(detections), task)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+        for index, key in enumerate(("AP", "AP50", "AP75")):
+            assert results[task][key] == pytest.approx(100 * coco_eval.stats[index], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name", ["queryinst_R_50_FPN_1x", "dynamic_queryinst_R_50_FPN_300pro_crop_3x"]
+)
+def test_lazy_twins_load_masks_and_evaluate_segm_like_the_yaml(name):
+    from detectron2.config import LazyConfig, instantiate
+
+    from conftest import CONFIG_DIR
+    from sparse_rcnn import SparseRCNNDatasetMapper
+    from sparse_rcnn.export import check_exportable
+
+    lazy = LazyConfig.load(str(CONFIG_DIR / f"{name}.py"))
+    yaml_mapper = SparseRCNNDatasetMapper(make_cfg(CONFIG_DIR / f"{name}.yaml"), is_train=True)
+    lazy_mapper = instantiate(lazy.dataloader.train.mapper)
+    for attr in ("use_instance_mask", "instance_mask_format", "recompute_boxes"):
+        assert getattr(lazy_mapper, attr) == getattr(yaml_mapper, attr), attr
+    assert lazy_mapper.use_instance_mask
+    assert tuple(lazy.dataloader.evaluator.tasks) == ("bbox", "segm")
+    assert lazy.model.criterion.mask_weight == 8.0
+    with pytest.raises(ValueError, match="model.mask_head"):
+        check_exportable(lazy)

@@ -124,8 +124,8 @@ class SparseRCNN(nn.Module):
             logger.warning(
                 "The checkpoint has no mask head weights (mask_head.*): QueryInst's mask head "
                 "(MODEL.MASK_ON) keeps its random initialisation, so its masks mean nothing until "
-                "it is trained (expected when starting from an ImageNet backbone or a box-only Sparse "
-                "R-CNN checkpoint)."
+                "it is trained (expected when starting from an ImageNet backbone or a box-only "
+                "Sparse R-CNN checkpoint)."
             )
         # Official checkpoints keep the learnable proposals at the top level; rename them to ours
         # (OFFICIAL_KEY_RENAMES). DetectionCheckpointer checks shapes before this renaming, so a

@@ -116,7 +116,8 @@ def build_sparse_rcnn_evaluator(cfg, dataset_name: str, output_folder=None):
     def make_evaluator(folder):
         if is_crowdhuman_dataset(dataset_name):
             return CrowdHumanEvaluator(dataset_name, output_dir=folder)
-        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=folder)
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=folder)
 
     evaluator = make_evaluator(output_folder)
     if cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE:
