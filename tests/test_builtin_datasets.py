@@ -198,3 +198,59 @@ def test_concurrent_generation_is_safe(tmp_path):
     # No temporary folders left: only the json and its image folder.
     names = {p.name for p in (tmp_path / "synthetic_shapes").iterdir()}
     assert names == {Path(image_root).name, "train.json"}
+
+
+def test_older_cached_split_is_regenerated_with_masks(tmp_path):
+    """A split cached by an older generator (json without masks) is written again: same images,
+    now with instance masks; the old image folder is removed."""
+    json_file, image_root = bd.ensure_generated("val", root=tmp_path, num_images=6, image_size=48)
+    with open(json_file) as f:
+        coco = json.load(f)
+    old = dict(
+        coco["info"]["params"], generator_version=coco["info"]["params"]["generator_version"] - 1
+    )
+    old_root = Path(json_file).parent / bd._image_dir_name(old)
+    Path(image_root).rename(old_root)
+    coco["info"]["params"] = old
+    for a in coco["annotations"]:
+        del a["segmentation"]
+    with open(json_file, "w") as f:
+        json.dump(coco, f)
+
+    json_new, root_new = bd.ensure_generated("val", root=tmp_path, num_images=6, image_size=48)
+    assert root_new == image_root and not old_root.exists()
+    with open(json_new) as f:
+        new = json.load(f)
+    assert all("segmentation" in a for a in new["annotations"])
+    strip = lambda a: {k: v for k, v in a.items() if k != "segmentation"}  # noqa: E731
+    assert [strip(a) for a in new["annotations"]] == coco["annotations"]
+
+
+def test_loaded_split_gives_masks_to_a_mask_mapper(tmp_path):
+    """load_coco_json keeps the RLE; the mapper of a MODEL.MASK_ON config turns it into BitMasks
+    that cover the objects' pixels inside their boxes."""
+    from detectron2.data.datasets import load_coco_json
+
+    from conftest import make_cfg
+    from sparse_rcnn.dataset_mapper import SparseRCNNDatasetMapper
+
+    json_file, image_root = bd.ensure_generated("val", root=tmp_path, num_images=8, image_size=64)
+    dicts = load_coco_json(json_file, image_root, "masks_check")
+    cfg = make_cfg(
+        opts=["MODEL.MASK_ON", "True", "INPUT.MASK_FORMAT", "bitmask", "INPUT.MIN_SIZE_TEST", 64]
+    )
+    mapper = SparseRCNNDatasetMapper(cfg, is_train=True, augmentations=[], image_format="RGB")
+    checked = 0
+    for record in dicts:
+        out = mapper(record)
+        instances = out["instances"]
+        assert len(instances) == len(record["annotations"])
+        if not len(instances):
+            continue
+        masks = instances.gt_masks.tensor
+        for mask, box in zip(masks, instances.gt_boxes.tensor):
+            x0, y0, x1, y1 = box.long().tolist()
+            assert mask.any() and not mask[:, :x0].any() and not mask[:, x1:].any()
+            assert not mask[:y0].any() and not mask[y1:].any()
+            checked += 1
+    assert checked >= 8

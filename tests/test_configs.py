@@ -37,6 +37,14 @@ def test_config_loads_and_builds(config_file):
         c = cfg.MODEL.SPARSE_RCNN
         assert model.num_classes == c.NUM_CLASSES
         assert model.head.num_stages == c.NUM_STAGES == len(model.head.head_series)
+        # QueryInst configs (MODEL.MASK_ON): one mask head per stage; the others have none.
+        assert (
+            (model.mask_head is not None)
+            == cfg.MODEL.MASK_ON
+            == ("queryinst" in config_file.name.lower())
+        )
+        if cfg.MODEL.MASK_ON:
+            assert len(model.mask_head.head_series) == c.NUM_STAGES
         if hasattr(model.proposal_generator, "num_proposals"):
             assert model.proposal_generator.num_proposals == c.NUM_PROPOSALS
         # The file name states the backbone depth and the number of proposals.
@@ -78,6 +86,11 @@ def test_paper_defaults_in_add_sparse_rcnn_config():
     assert tuple(c.BBOX_REG_WEIGHTS) == (2.0, 2.0, 1.0, 1.0)
     assert c.ACTIVATION == "relu"
     assert c.NMS_ENABLED is False
+    # QueryInst's mask head (used with MODEL.MASK_ON, which Detectron2 defaults to False).
+    assert cfg.MODEL.MASK_ON is False
+    assert (c.MASK_POOLER_RESOLUTION, c.MASK_POOLER_SAMPLING_RATIO) == (14, 2)
+    assert (c.MASK_NUM_CONV, c.MASK_CONV_DIM, c.MASK_NORM) == (4, 256, "BN")
+    assert c.MASK_WEIGHT == 8.0
     assert cfg.SOLVER.OPTIMIZER == "ADAMW"
     assert cfg.SOLVER.BACKBONE_MULTIPLIER == 1.0
 
@@ -156,3 +169,55 @@ def test_without_add_sparse_rcnn_config():
     cfg.MODEL.DEVICE = "cpu"
     with pytest.raises(KeyError, match="add_sparse_rcnn_config"):
         build_model(cfg)
+
+
+QUERYINST_FILES = [
+    f for f in CONFIG_FILES if f.name.startswith("queryinst_R_") or f.name == "Base-QueryInst.yaml"
+]
+
+
+@pytest.mark.parametrize("config_file", QUERYINST_FILES, ids=lambda p: p.name)
+def test_queryinst_configs(config_file):
+    """QueryInst's mask head and data, the authors' optimizer, mmdetection's epochs (7330
+    iterations of 16 images each), single-scale 1x and multi-scale 3x."""
+    from sparse_rcnn import SparseRCNNDatasetMapper
+
+    cfg = make_cfg(config_file)
+    assert cfg.MODEL.MASK_ON is True and cfg.INPUT.MASK_FORMAT == "polygon"
+    mapper = SparseRCNNDatasetMapper(cfg, is_train=True)
+    assert mapper.use_instance_mask and mapper.instance_mask_format == "polygon"
+    assert mapper.recompute_boxes == cfg.INPUT.CROP.ENABLED
+    s = cfg.SOLVER
+    assert s.BASE_LR == pytest.approx(2.5e-5) and s.BACKBONE_MULTIPLIER == 1.0
+    assert s.CLIP_GRADIENTS.CLIP_VALUE == 1.0 and s.WEIGHT_DECAY == pytest.approx(1e-4)
+    assert s.WARMUP_FACTOR == pytest.approx(0.001) and s.WARMUP_ITERS == 1000
+    epochs = {"1x": (12, (8, 11)), "3x": (36, (27, 33))}
+    for schedule, (total, steps) in epochs.items():
+        if config_file.name.endswith(f"_{schedule}.yaml"):
+            assert s.MAX_ITER == 7330 * total
+            assert tuple(s.STEPS) == tuple(7330 * e for e in steps)
+    multi_scale = tuple(range(480, 801, 32))
+    single = config_file.name.endswith("_1x.yaml")
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == ((800,) if single else multi_scale)
+
+
+def test_dynamic_queryinst_is_dynamic_sparse_rcnn_with_masks():
+    dynamic = make_cfg(CONFIG_DIR / "dynamic_sparse_rcnn_R_50_FPN_300pro_crop_3x.yaml")
+    masks = make_cfg(CONFIG_DIR / "dynamic_queryinst_R_50_FPN_300pro_crop_3x.yaml")
+    assert masks.MODEL.MASK_ON and not dynamic.MODEL.MASK_ON
+    masks.MODEL.MASK_ON = False
+    assert masks.dump() == dynamic.dump()
+
+
+def test_quick_queryinst_is_the_quick_model_with_masks():
+    quick = make_cfg(CONFIG_DIR / "sparse_rcnn_quick_cpu.yaml")
+    masks = make_cfg(CONFIG_DIR / "queryinst_quick_cpu.yaml")
+    assert masks.MODEL.MASK_ON and masks.INPUT.MASK_FORMAT == "bitmask"  # the built-in RLE masks
+    # Everything else is the quick model's.
+    masks.MODEL.MASK_ON, masks.INPUT.MASK_FORMAT, masks.OUTPUT_DIR = (
+        False,
+        "polygon",
+        quick.OUTPUT_DIR,
+    )
+    masks.MODEL.SPARSE_RCNN.MASK_NUM_CONV, masks.MODEL.SPARSE_RCNN.MASK_CONV_DIM = 4, 256
+    assert masks.dump() == quick.dump()

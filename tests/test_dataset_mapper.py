@@ -239,3 +239,93 @@ def test_unreadable_image_is_skipped_in_training_not_fatal(image_file, tmp_path)
     # At inference a bad file is an error the caller must see.
     with pytest.raises(OSError):
         SparseRCNNDatasetMapper(_crop_cfg(False), is_train=False)(dict(bad))
+
+
+# ---- Instance masks (MODEL.MASK_ON): polygons and RLE through flip, resize and crop ----
+
+
+def _mask_annotations(kind):
+    """The rectangles of RECTS with a "segmentation": a polygon or a COCO RLE of their pixels."""
+    import pycocotools.mask as mask_util
+
+    annotations = []
+    for c, (x0, y0, x1, y1) in RECTS.items():
+        anno = _anno((x0, y0, x1, y1), c)
+        if kind == "polygon":
+            anno["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+        else:
+            bitmap = np.zeros((H, W), np.uint8)
+            bitmap[y0:y1, x0:x1] = 1
+            rle = mask_util.encode(np.asfortranarray(bitmap))
+            anno["segmentation"] = {"size": [H, W], "counts": rle["counts"].decode()}
+        annotations.append(anno)
+    return annotations
+
+
+@pytest.mark.parametrize("kind, mask_format", [("polygon", "polygon"), ("rle", "bitmask")])
+def test_masks_follow_flip_resize_and_crop(image_file, kind, mask_format):
+    cfg = _crop_cfg(opts=["MODEL.MASK_ON", "True", "INPUT.MASK_FORMAT", mask_format])
+    mapper = SparseRCNNDatasetMapper(cfg, is_train=True, crop_resize_sizes=(120, 160))
+    assert mapper.use_instance_mask and mapper.recompute_boxes  # Detectron2's crop behaviour
+    np.random.seed(7)
+    crops = 0
+    for _ in range(20):
+        out = mapper(_dataset_dict(image_file, _mask_annotations(kind)))
+        instances = out["instances"]
+        image = out["image"].numpy()
+        masks = instances.gt_masks
+        assert type(masks).__name__ == ("PolygonMasks" if kind == "polygon" else "BitMasks")
+        h, w = image.shape[1:]
+        crops += abs(w / h - W / H) > 0.02  # only the crop changes the aspect ratio
+        bitmaps = masks.tensor if mask_format == "bitmask" else _rasterize(masks, h, w)
+        assert bitmaps.shape == (len(instances), h, w)
+        for mask, c, box in zip(bitmaps, instances.gt_classes.tolist(), instances.gt_boxes.tensor):
+            colour = torch.from_numpy(image[c] > 127)
+            # Boxes are recomputed from the masks (the crop cuts the masks too).
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            extent = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+            # (exactly the bitmask's pixels; a polygon's own extent, within a pixel of its raster)
+            assert (box - extent).abs().max() <= (0 if mask_format == "bitmask" else 1), c
+            # The mask is the object's pixels; resampling differs on its outline only.
+            outline = 2 * (extent[2] - extent[0] + extent[3] - extent[1]) + 4
+            assert (mask ^ colour).sum() <= outline, c
+            assert (mask & colour).sum() >= 0.5 * colour.sum(), c
+    assert crops > 0
+
+
+def _rasterize(polygon_masks, h, w):
+    from detectron2.structures import polygons_to_bitmask
+
+    return torch.stack(
+        [torch.from_numpy(polygons_to_bitmask(p, h, w)) for p in polygon_masks.polygons]
+    )
+
+
+def test_masks_cropped_by_a_fixed_crop(image_file):
+    """A fixed crop: every mask is its rectangle cut by the crop, exactly."""
+    for kind, mask_format in (("polygon", "polygon"), ("rle", "bitmask")):
+        mapper = SparseRCNNDatasetMapper(
+            is_train=True,
+            augmentations=[T.CropTransform(20, 20, 100, 80)],
+            image_format="RGB",
+            use_instance_mask=True,
+            instance_mask_format=mask_format,
+            recompute_boxes=True,
+        )
+        out = mapper(_dataset_dict(image_file, _mask_annotations(kind)))
+        masks = out["instances"].gt_masks
+        bitmaps = masks.tensor if mask_format == "bitmask" else _rasterize(masks, 80, 100)
+        expected_boxes = [[0, 0, 30, 40], [50, 0, 90, 30], [10, 55, 100, 80]]
+        for mask, (x0, y0, x1, y1) in zip(bitmaps, expected_boxes):
+            expected = torch.zeros(80, 100, dtype=torch.bool)
+            expected[y0:y1, x0:x1] = True
+            assert torch.equal(mask, expected), kind
+        assert out["instances"].gt_boxes.tensor.tolist() == expected_boxes
+
+
+def test_without_mask_on_segmentation_is_dropped(image_file):
+    mapper = SparseRCNNDatasetMapper(_crop_cfg(), is_train=True)
+    np.random.seed(8)
+    out = mapper(_dataset_dict(image_file, _mask_annotations("polygon")))
+    assert not out["instances"].has("gt_masks")
+    assert set(out["instances"].get_fields()) == {"gt_boxes", "gt_classes"}

@@ -31,6 +31,8 @@ TWINS = [
     "dynamic_sparse_rcnn_R_50_FPN_300pro_crop_3x",
     "sparse_rcnn_R_50_FPN_500pro_crowdhuman",
     "sparse_rcnn_quick_cpu",
+    "queryinst_R_50_FPN_1x",
+    "dynamic_queryinst_R_50_FPN_300pro_crop_3x",
 ]
 
 
@@ -225,6 +227,7 @@ def test_lazy_optimizer_is_the_yaml_optimizer():
         "sparse_rcnn_R_50_FPN_100pro_3x",
         "sparse_rcnn_R_50_FPN_500pro_crowdhuman",
         "sparse_rcnn_quick_cpu",
+        "queryinst_R_50_FPN_1x",
     ],
 )
 def test_lazy_lr_schedule_is_the_yaml_schedule(name):

@@ -64,3 +64,41 @@ def test_object_sizes_vary():
     # Long sides are drawn from 15%-60% of the image; truncation at the border makes some smaller.
     assert sides.min() < 0.2 and sides.max() > 0.45
     assert 0.05 <= np.median(sides) <= 0.4
+
+
+def test_split_json_has_the_visible_masks_and_the_same_images_and_boxes(tmp_path):
+    """The json's RLE masks are the visible pixels of every object; the images, boxes, areas and
+    classes are those of generate_sample without masks (the masks draw nothing from the rng)."""
+    import zlib
+
+    import cv2
+    import pycocotools.mask as mask_util
+
+    from sparse_rcnn.synthetic_shapes import generate_split
+
+    coco = generate_split(tmp_path, "val", 12, (48, 64), seed=5)
+    by_image = {}
+    for anno in coco["annotations"]:
+        by_image.setdefault(anno["image_id"], []).append(anno)
+    assert sum(len(v) for v in by_image.values()) >= 12
+    for index, info in enumerate(coco["images"]):
+        rng_args = [5, zlib.crc32(b"val"), index]
+        image, annos = generate_sample(np.random.default_rng(rng_args), (48, 64))
+        written = cv2.imread(str(tmp_path / info["file_name"]))[:, :, ::-1]
+        assert np.array_equal(written, image)
+        ours = by_image.get(info["id"], [])
+        strip = ("id", "image_id", "segmentation")
+        assert [{k: v for k, v in a.items() if k not in strip} for a in ours] == annos
+        _, _, full, visible = generate_sample(
+            np.random.default_rng(rng_args), (48, 64), return_masks=True
+        )
+        for anno, full_mask, visible_mask in zip(ours, full, visible):
+            segm = anno["segmentation"]
+            assert segm["size"] == [48, 64] and isinstance(segm["counts"], str)
+            decoded = mask_util.decode({"size": segm["size"], "counts": segm["counts"].encode()})
+            assert np.array_equal(decoded.astype(bool), visible_mask)
+            assert decoded.sum() >= 0.5 * full_mask.sum()  # at least half of it is visible
+            # The visible pixels lie inside the object's box.
+            x, y, w, h = anno["bbox"]
+            ys, xs = np.nonzero(decoded)
+            assert xs.min() >= x and ys.min() >= y and xs.max() < x + w and ys.max() < y + h

@@ -13,6 +13,7 @@ from sparse_rcnn.visualization import (
     _color,
     draw_boxes,
     draw_prediction_beside_ground_truth,
+    ground_truth_masks,
     plot_ap_per_stage,
     plot_training_curves,
     stage_ap,
@@ -136,3 +137,67 @@ def test_labels_of_the_same_box_do_not_cover_each_other():
     assert lower == (0, 57)
     # A label that would leave the canvas on the right is moved left onto it.
     assert place_label((190, 60, 199, 80), label, [], (200, 200))[0] == 150
+
+
+def test_masks_are_filled_in_the_class_colour():
+    image = np.full((32, 48, 3), 255, dtype=np.uint8)
+    boxes = np.array([[10.0, 12.0, 30.0, 28.0]])
+    mask = np.zeros((1, 32, 48), dtype=bool)
+    mask[0, 16:24, 14:26] = True
+    plain = draw_boxes(image, boxes, [1], CLASSES, [0.9], scale=4.0)
+    drawn = draw_boxes(image, boxes, [1], CLASSES, [0.9], scale=4.0, masks=mask)
+    color = np.array(_color(1))
+    inside = drawn[70:90, 62:98].astype(int)  # well inside the mask (rows 64-96, cols 56-104)
+    np.testing.assert_array_equal(inside, ((255 + color) / 2).astype(int) + 0 * inside)
+    # Outside the mask nothing changed except the outline.
+    assert (drawn[52:60, 44:116] == plain[52:60, 44:116]).all()
+    with pytest.raises(ValueError, match="masks must be"):
+        draw_boxes(image, boxes, [1], CLASSES, None, 4.0, masks=np.zeros((1, 16, 16), bool))
+
+
+def test_ground_truth_masks_from_polygons_and_rle():
+    import pycocotools.mask as mask_util
+
+    bitmap = np.zeros((16, 20), np.uint8)
+    bitmap[2:6, 3:9] = 1
+    rle = mask_util.encode(np.asfortranarray(bitmap))
+    record = {
+        "annotations": [
+            {"bbox": [3, 2, 6, 4], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+             "segmentation": [[3, 2, 9, 2, 9, 6, 3, 6]]},
+            {"bbox": [3, 2, 6, 4], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1,
+             "segmentation": {"size": [16, 20], "counts": rle["counts"].decode()}},
+            {"bbox": [0, 0, 20, 16], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 1, "iscrowd": 1},
+        ]
+    }  # fmt: skip
+    masks = ground_truth_masks(record, 16, 20)
+    assert masks.shape == (2, 16, 20)
+    np.testing.assert_array_equal(masks[0], bitmap.astype(bool))
+    np.testing.assert_array_equal(masks[1], bitmap.astype(bool))
+    del record["annotations"][0]["segmentation"]
+    assert ground_truth_masks(record, 16, 20) is None
+
+
+def test_prediction_beside_ground_truth_draws_masks_on_both_panels():
+    image = np.zeros((16, 20, 3), dtype=np.uint8)
+    instances = Instances((16, 20))
+    instances.pred_boxes = Boxes(torch.tensor([[2.0, 2.0, 10.0, 10.0]]))
+    instances.pred_classes = torch.tensor([2])
+    instances.scores = torch.tensor([0.5])
+    instances.pred_masks = torch.zeros(1, 16, 20, dtype=torch.bool)
+    instances.pred_masks[0, 4:8, 4:8] = True
+    record = {
+        "annotations": [
+            {"bbox": [1, 1, 5, 5], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+             "segmentation": [[12, 10, 18, 10, 18, 14, 12, 14]]},
+        ]
+    }  # fmt: skip
+    drawn = draw_prediction_beside_ground_truth(image, instances, record, CLASSES, scale=4.0)
+    truth, predicted = drawn[24:, :80], drawn[24:, 88:]
+    predicted_fill = (np.array(_color(2)) / 2).astype(np.uint8)
+    truth_fill = (np.array(_color(0)) / 2).astype(np.uint8)
+    assert (predicted[20:28, 20:28] == predicted_fill).all()
+    assert (truth[44:52, 52:68] == truth_fill).all()
+    # Each panel has its own masks only.
+    assert not (predicted == truth_fill).all(axis=-1).any()
+    assert not (truth == predicted_fill).all(axis=-1).any()

@@ -18,6 +18,7 @@ from .dataset_mapper import SparseRCNNDatasetMapper, build_sparse_rcnn_augmentat
 from .detector import SparseRCNN
 from .dynamic_proposals import DynamicProposalGenerator
 from .head import SPARSE_RCNN_HEAD_REGISTRY, DynamicConv, DynamicHead, DynamicStage
+from .mask_head import QueryInstMaskHead
 from .matcher import SPARSE_RCNN_MATCHER_REGISTRY, HungarianMatcher, build_matcher
 from .ota import OTAMatcher
 from .proposals import SPARSE_RCNN_PROPOSAL_REGISTRY, LearnableProposals

@@ -39,7 +39,6 @@ from .synthetic_shapes import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_OBJECTS,
     DEFAULT_SEED,
-    GENERATOR_VERSION,
     SYNTHETIC_SHAPES_CLASSES,
     ImageSize,
     generate_sample,
@@ -85,9 +84,14 @@ def _locate(
     root = Path(root) if root is not None else default_cache_dir()
     num_images = DEFAULT_SPLITS.get(split, 0) if num_images is None else num_images
     params = split_params(split, num_images, image_size, seed, max_objects, empty_prob)
-    fingerprint = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     dataset_dir = root / _DATASET_DIR
-    return params, str(dataset_dir / f"{split}.json"), str(dataset_dir / f"{split}_{fingerprint}")
+    return params, str(dataset_dir / f"{split}.json"), str(dataset_dir / _image_dir_name(params))
+
+
+def _image_dir_name(params: Dict) -> str:
+    """``{split}_{fingerprint}``: the image folder of the split with these parameters."""
+    fingerprint = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{params['split']}_{fingerprint}"
 
 
 def synthetic_shapes_paths(split: str, **kwargs) -> Tuple[str, str]:
@@ -158,13 +162,10 @@ def ensure_generated(
         os.replace(tmp / "data.json", json_file)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if old_params is not None and old_params.get("generator_version") == GENERATOR_VERSION:
-        # The previous split's images (other parameters) are no longer referenced by the json.
-        old = old_params
-        _, _, old_root = _locate(
-            split, root, old.get("num_images", 0), (old.get("height", 0), old.get("width", 0)),
-            old.get("seed", 0), old.get("max_objects", 0), old.get("empty_prob", 0.0),
-        )  # fmt: skip
+    if isinstance(old_params, dict) and old_params.get("split") == split:
+        # The previous split's images (other parameters or an older generator) are no longer
+        # referenced by the json.
+        old_root = str(dataset_dir / _image_dir_name(old_params))
         if old_root != image_root:
             shutil.rmtree(old_root, ignore_errors=True)
     return json_file, image_root

@@ -125,6 +125,19 @@ def add_sparse_rcnn_config(cfg: CN) -> None:
     _C.DPG.FC_DIM = 1500  # width of the first FC layer (paper: 900 x 1500)
     _C.DPG.GRID_SIZE = 30  # fused features are interpolated to GRID_SIZE x GRID_SIZE (paper: 30)
 
+    # ---- QueryInst instance masks (Fang et al., ICCV 2021; docs/queryinst.md) ----
+    # Used when MODEL.MASK_ON (Detectron2's key) is True: a dynamic mask head per stage
+    # (sparse_rcnn.mask_head), trained with the Dice loss on every stage's matched positives. The
+    # defaults are QueryInst's (mmdetection's DynamicMaskHead). The mask pooler shares POOLER_IMPL
+    # and ROI_BOX_HEAD.POOLER_TYPE with the box pooler; the dynamic mask interaction's inner width
+    # is DIM_DYNAMIC, as the box branch's.
+    _C.MASK_POOLER_RESOLUTION = 14  # S: RoIAlign S x S; masks are 2S x 2S (28 x 28)
+    _C.MASK_POOLER_SAMPLING_RATIO = 2
+    _C.MASK_NUM_CONV = 4  # 3x3 convolutions after the dynamic mask interaction
+    _C.MASK_CONV_DIM = 256  # their channels
+    _C.MASK_NORM = "BN"  # their normalisation (Detectron2's get_norm names; "" for none)
+    _C.MASK_WEIGHT = 8.0  # weight of the Dice loss
+
     # ---- Data (used by sparse_rcnn.dataset_mapper) ----
     # With INPUT.CROP.ENABLED, half of the training samples are first resized to one of these short
     # sides, then randomly cropped (INPUT.CROP.TYPE/SIZE), then multi-scale resized (official).

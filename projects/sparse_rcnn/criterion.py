@@ -5,17 +5,18 @@ Criteria are registered in ``SPARSE_RCNN_CRITERION_REGISTRY`` and chosen by
 """
 
 import contextlib
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
-from detectron2.structures import Instances
+from detectron2.structures import BitMasks, Instances
 from detectron2.utils import comm
 from detectron2.utils.registry import Registry
 from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
+from .mask_head import dice_loss, mask_targets
 from .matcher import SPARSE_RCNN_MATCHER_REGISTRY, MatchIndices, build_matcher
 
 SPARSE_RCNN_CRITERION_REGISTRY = Registry("SPARSE_RCNN_CRITERION")
@@ -27,27 +28,43 @@ built as ``obj(cfg)``.
 LOSS_NORMALIZERS = ("num_gt", "num_positives")
 
 
+# A mask predictor, called by SetCriterion for every supervised stage as
+# ``mask_predictor(boxes, queries, stage)``: boxes, B tensors (P_i, 4) of the stage's positives
+# (detached xyxy pixels); queries (P, C) their attention features; returns (P, K, M, M) mask logits
+# (sparse_rcnn.mask_head.QueryInstMaskHead bound to the image features).
+MaskPredictor = Callable[[List[torch.Tensor], torch.Tensor, int], torch.Tensor]
+
+
 def prepare_targets(gt_instances: List[Instances], device: torch.device) -> List[Dict]:
-    """Per image: "labels" (M,) int64, "boxes" (M, 4) xyxy pixels, "image_whwh" (4,) float.
+    """Per image: "labels" (M,) int64, "boxes" (M, 4) xyxy pixels, "image_whwh" (4,) float, and
+    "masks" (the ``gt_masks``: PolygonMasks, or BitMasks moved to ``device``) where the instances
+    have them.
 
     ``image_whwh`` is the unpadded (w, h, w, h) of the input image, which the L1 terms divide by.
     """
     targets = []
     for instances in gt_instances:
         h, w = instances.image_size
-        targets.append(
-            {
-                "labels": instances.gt_classes.to(device=device, dtype=torch.int64),
-                "boxes": instances.gt_boxes.tensor.to(device=device, dtype=torch.float32),
-                "image_whwh": torch.tensor([w, h, w, h], dtype=torch.float32, device=device),
-            }
-        )
+        target = {
+            "labels": instances.gt_classes.to(device=device, dtype=torch.int64),
+            "boxes": instances.gt_boxes.tensor.to(device=device, dtype=torch.float32),
+            "image_whwh": torch.tensor([w, h, w, h], dtype=torch.float32, device=device),
+        }
+        if instances.has("gt_masks"):
+            masks = instances.gt_masks
+            target["masks"] = masks.to(device) if isinstance(masks, BitMasks) else masks
+        targets.append(target)
     return targets
 
 
 def loss_names(stage: int) -> Dict[str, str]:
     """Loss-dict keys of a stage (0-based index -> names with the 1-based stage number)."""
     return {term: f"loss_{term}_stage{stage + 1}" for term in ("cls", "l1", "giou")}
+
+
+def mask_loss_name(stage: int) -> str:
+    """Loss-dict key of a stage's mask loss (QueryInst)."""
+    return f"loss_mask_stage{stage + 1}"
 
 
 @SPARSE_RCNN_CRITERION_REGISTRY.register()
@@ -62,6 +79,11 @@ class SetCriterion(nn.Module):
     may be each stage's number of matched pairs instead (``normalize_by="num_positives"``), and a
     one-to-one matcher may add a second, Hungarian loss per stage (``one_to_one_matcher``, the
     "two losses" of Dynamic Sparse R-CNN table 3). Neither is used by Sparse R-CNN.
+
+    With a mask predictor (QueryInst, ``forward(..., mask_predictor)``) every supervised stage also
+    gets a Dice loss on the masks of its matched positives (the matcher's assignment: Hungarian or
+    OTA; not the one-to-one loss's), divided by that stage's number of positives averaged over
+    processes (clamped to >= 1), times ``mask_weight``.
     """
 
     @configurable
@@ -78,6 +100,7 @@ class SetCriterion(nn.Module):
         deep_supervision: bool = True,
         normalize_by: str = "num_gt",
         one_to_one_matcher: Optional[nn.Module] = None,
+        mask_weight: float = 8.0,
     ):
         """
         Args:
@@ -93,6 +116,7 @@ class SetCriterion(nn.Module):
             one_to_one_matcher: if given (Dynamic Sparse R-CNN's "two losses"), every stage also
                 gets the same three terms with this matcher's (one-to-one) assignment, normalised
                 by the number of GT boxes, as ``loss_{cls,l1,giou}_stage{t}_o2o``, weight 1.
+            mask_weight: weight of the Dice mask loss (QueryInst: 8), used with a mask predictor.
         """
         super().__init__()
         if normalize_by not in LOSS_NORMALIZERS:
@@ -108,6 +132,7 @@ class SetCriterion(nn.Module):
         self.deep_supervision = deep_supervision
         self.normalize_by = normalize_by
         self.one_to_one_matcher = one_to_one_matcher
+        self.mask_weight = mask_weight
         # Set by every forward: where the predictions were first non-finite, or None.
         self.non_finite: Optional[str] = None
 
@@ -133,6 +158,7 @@ class SetCriterion(nn.Module):
             "deep_supervision": c.DEEP_SUPERVISION,
             "normalize_by": c.LOSS_NORMALIZE_BY,
             "one_to_one_matcher": one_to_one_matcher,
+            "mask_weight": c.MASK_WEIGHT,
         }
 
     @staticmethod
@@ -183,25 +209,80 @@ class SetCriterion(nn.Module):
         raw = {"cls": loss_cls, "l1": loss_l1, "giou": loss_giou}
         return {term: self.weights[term] * value / normalizer for term, value in raw.items()}
 
+    def stage_mask_loss(
+        self,
+        out: Dict[str, torch.Tensor],
+        targets: List[Dict],
+        indices: List[MatchIndices],
+        mask_predictor: MaskPredictor,
+        stage: int,
+    ) -> torch.Tensor:
+        """The weighted, normalised Dice loss of one stage's masks on its matched positives.
+
+        Args:
+            out: the stage's "pred_boxes" (B, N, 4) and "attn_features" (B, N, C).
+            targets: see :func:`prepare_targets` (with "masks" where an image has objects).
+            indices: the matcher's output for this stage.
+            mask_predictor: see :data:`MaskPredictor`.
+            stage: 0-based stage index.
+        """
+        device = out["pred_boxes"].device
+        # Every process calls this once per stage, so the all-reduces stay in step.
+        normalizer = self.average_over_processes(sum(len(src) for src, _ in indices), device)
+        # RoIs: the stage's refined boxes of its positives, detached (no gradient to the boxes).
+        boxes = [out["pred_boxes"][i, src].detach().float() for i, (src, _) in enumerate(indices)]
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+        queries = out["attn_features"][batch_idx, src_idx].float()
+        logits = mask_predictor(boxes, queries, stage)  # (P, K, M, M)
+        if logits.shape[0] == 0:
+            # No positive in the batch: a zero loss that still reaches every mask parameter.
+            return logits.float().sum() * 0.0
+        mask_size = logits.shape[-1]
+        gt = []
+        for image, (target, (_, gt_idx), image_boxes) in enumerate(zip(targets, indices, boxes)):
+            if len(gt_idx) == 0:
+                continue
+            if "masks" not in target:
+                raise ValueError(
+                    f"Image {image} of the batch has objects but no instance masks (gt_masks), "
+                    "which the mask head (MODEL.MASK_ON) trains on: use a dataset with "
+                    "'segmentation' annotations, or set MODEL.MASK_ON False."
+                )
+            gt.append(mask_targets(target["masks"][gt_idx], image_boxes, mask_size))
+        labels = torch.cat([t["labels"][gt_idx] for t, (_, gt_idx) in zip(targets, indices)])
+        # The predicted mask of each positive's GT class, against its cropped GT mask.
+        probs = logits.float()[torch.arange(len(labels), device=logits.device), labels].sigmoid()
+        loss = dice_loss(probs, torch.cat(gt)).sum()
+        return self.mask_weight * loss / normalizer
+
     def forward(
-        self, stage_outputs: List[Dict[str, torch.Tensor]], targets: List[Dict]
+        self,
+        stage_outputs: List[Dict[str, torch.Tensor]],
+        targets: List[Dict],
+        mask_predictor: Optional[MaskPredictor] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
-            stage_outputs: per stage, "pred_logits" (B, N, K) and "pred_boxes" (B, N, 4).
+            stage_outputs: per stage, "pred_logits" (B, N, K) and "pred_boxes" (B, N, 4); with a
+                ``mask_predictor`` also "attn_features" (B, N, C).
             targets: see :func:`prepare_targets`.
+            mask_predictor: if given (QueryInst), every supervised stage also gets its mask loss
+                (see :data:`MaskPredictor`).
 
         Returns:
             ``loss_{cls,l1,giou}_stage{t}`` (t = 1 ... T), already weighted; with a
-            ``one_to_one_matcher`` also ``loss_{cls,l1,giou}_stage{t}_o2o``.
+            ``one_to_one_matcher`` also ``loss_{cls,l1,giou}_stage{t}_o2o``; with a
+            ``mask_predictor`` also ``loss_mask_stage{t}``.
         """
         device = stage_outputs[-1]["pred_boxes"].device
         # Under AMP (SOLVER.AMP.ENABLED) the head's outputs may be fp16/bf16: matching and losses
-        # run in fp32 outside the autocast region (stage_losses and the matchers cast to float).
+        # run in fp32 outside the autocast region (stage_losses and the matchers cast to float;
+        # the mask head then runs in fp32 too).
         with _autocast_disabled(device):
-            return self._losses(stage_outputs, targets, device)
+            return self._losses(stage_outputs, targets, device, mask_predictor)
 
-    def _losses(self, stage_outputs, targets, device) -> Dict[str, torch.Tensor]:
+    def _losses(self, stage_outputs, targets, device, mask_predictor) -> Dict[str, torch.Tensor]:
         # Non-finite predictions (a diverging run) are reported where they first appear and
         # replaced before matching, so the matcher and the losses never see NaN; the trainer
         # skips the step (sparse_rcnn.trainer.NonFiniteSkippingTrainer reads ``non_finite``).
@@ -225,6 +306,10 @@ class SetCriterion(nn.Module):
             )
             names = loss_names(stage)
             losses.update({names[term]: value for term, value in terms.items()})
+            if mask_predictor is not None:
+                losses[mask_loss_name(stage)] = self.stage_mask_loss(
+                    out, targets, indices, mask_predictor, stage
+                )
             if self.one_to_one_matcher is not None:
                 indices = self.one_to_one_matcher(
                     out["pred_logits"], out["pred_boxes"], targets, stage

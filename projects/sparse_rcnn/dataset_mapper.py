@@ -142,6 +142,13 @@ class SparseRCNNDatasetMapper(DatasetMapper):
     (``Instances`` with gt_boxes (XYXY, clipped to the image) and gt_classes), possibly empty:
     annotations with an invalid or degenerate box, crowd annotations and boxes cropped away are
     dropped, and an image left without objects is kept. Inference dicts have no "instances".
+
+    With ``use_instance_mask`` (from a config: ``MODEL.MASK_ON``, for QueryInst) the instances also
+    have gt_masks: the annotations' "segmentation" (polygons or COCO RLE) through the same flip,
+    resize and crop, as ``PolygonMasks`` or ``BitMasks`` (``INPUT.MASK_FORMAT`` "polygon" or
+    "bitmask"; RLE needs "bitmask"). This is Detectron2's ``DatasetMapper`` behaviour, including
+    ``recompute_boxes`` (``MODEL.MASK_ON`` and ``INPUT.CROP.ENABLED``): after a crop the boxes are
+    the cropped masks' boxes. Cropping polygons needs the ``shapely`` package.
     """
 
     @configurable

@@ -4,6 +4,7 @@ images -> backbone (ResNet-FPN, P2-P5) -> proposal boxes and features -> T itera
 per-stage predictions -> matcher + set loss (training) or top-k post-processing (inference).
 """
 
+import functools
 import logging
 from typing import Dict, List, Optional, Tuple
 
@@ -18,6 +19,7 @@ from torchvision.ops import nms
 
 from .criterion import build_criterion, prepare_targets
 from .head import build_sparse_rcnn_head
+from .mask_head import QueryInstMaskHead
 from .proposals import build_proposal_generator
 from .tracing import is_exporting, is_tracing, sizes_to_tensor
 
@@ -36,7 +38,8 @@ OFFICIAL_KEY_RENAMES = {
 @META_ARCH_REGISTRY.register()
 class SparseRCNN(nn.Module):
     """Sparse R-CNN (Sun et al., CVPR 2021) and, through its proposal generator and matcher,
-    Dynamic Sparse R-CNN (Hong et al., CVPR 2022)."""
+    Dynamic Sparse R-CNN (Hong et al., CVPR 2022); with a mask head, QueryInst (Fang et al.,
+    ICCV 2021) on either."""
 
     @configurable
     def __init__(
@@ -54,6 +57,7 @@ class SparseRCNN(nn.Module):
         nms_thresh_test: Optional[float] = None,
         detections_per_image: int = 0,
         output_all_stages: bool = False,
+        mask_head: Optional[nn.Module] = None,
     ):
         """
         Args:
@@ -71,6 +75,8 @@ class SparseRCNN(nn.Module):
             output_all_stages: at inference also return every stage's detections as
                 "stage_instances" (a list, stage 1 first), for per-stage evaluation (paper figure 6
                 of Dynamic Sparse R-CNN). Off by default: it computes every stage's class logits.
+            mask_head: QueryInst's mask branches (:class:`QueryInstMaskHead`), or None (boxes
+                only). Training adds every stage's mask loss; inference adds "pred_masks".
         """
         super().__init__()
         self.backbone = backbone
@@ -88,6 +94,7 @@ class SparseRCNN(nn.Module):
             )
         self.detections_per_image = int(detections_per_image)
         self.output_all_stages = output_all_stages
+        self.mask_head = mask_head
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -114,6 +121,7 @@ class SparseRCNN(nn.Module):
             "nms_thresh_test": c.NMS_THRESH_TEST if c.NMS_ENABLED else None,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "output_all_stages": c.EVAL_PER_STAGE,
+            "mask_head": QueryInstMaskHead(cfg, input_shape) if cfg.MODEL.MASK_ON else None,
         }
 
     @property
@@ -121,6 +129,15 @@ class SparseRCNN(nn.Module):
         return self.pixel_mean.device
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.mask_head is not None and not any(
+            k.startswith(prefix + "mask_head.") for k in state_dict
+        ):
+            logger.warning(
+                "The checkpoint has no mask head weights (mask_head.*): QueryInst's mask head "
+                "(MODEL.MASK_ON) keeps its random initialisation, so its masks mean nothing until "
+                "it is trained (expected when starting from an ImageNet backbone or a box-only "
+                "Sparse R-CNN checkpoint)."
+            )
         # Official checkpoints keep the learnable proposals at the top level; rename them to ours
         # (OFFICIAL_KEY_RENAMES). DetectionCheckpointer checks shapes before this renaming, so a
         # renamed tensor of the wrong shape is skipped here with the same warning it would give.
@@ -175,11 +192,12 @@ class SparseRCNN(nn.Module):
         """
         Args:
             batched_inputs: a list, one dict per image, as Detectron2's DatasetMapper outputs:
-                "image" (C, H, W) in cfg.INPUT.FORMAT, "instances" (training: gt_boxes, gt_classes),
-                optional "height"/"width" of the output.
+                "image" (C, H, W) in cfg.INPUT.FORMAT, "instances" (training: gt_boxes, gt_classes,
+                and gt_masks with a mask head), optional "height"/"width" of the output.
 
         Returns:
-            Training: dict of weighted losses ``loss_{cls,l1,giou}_stage{t}``.
+            Training: dict of weighted losses ``loss_{cls,l1,giou}_stage{t}`` (and
+            ``loss_mask_stage{t}`` with a mask head).
             Inference: list of {"instances": Instances with pred_boxes, scores, pred_classes}
             (see :meth:`inference`).
         """
@@ -190,11 +208,22 @@ class SparseRCNN(nn.Module):
         features, proposal_boxes, proposal_features = self._features_and_proposals(
             images, image_whwh
         )
-        stage_outputs = self.head(features, proposal_boxes, proposal_features)
         gt_instances = [x["instances"] for x in batched_inputs]
         check_gt_classes(batched_inputs, self.num_classes)
         targets = prepare_targets(gt_instances, self.device)
+        if self.mask_head is not None:
+            return self._losses_with_masks(features, proposal_boxes, proposal_features, targets)
+        stage_outputs = self.head(features, proposal_boxes, proposal_features)
         return self.criterion(stage_outputs, targets)
+
+    def _losses_with_masks(self, features, proposal_boxes, proposal_features, targets):
+        """The box losses and every stage's mask loss on its matched positives (QueryInst)."""
+        stage_outputs = self.head(
+            features, proposal_boxes, proposal_features, with_attention_features=True
+        )
+        # The criterion calls mask_predictor(boxes, queries, stage) for every supervised stage.
+        mask_predictor = functools.partial(self.mask_head, self.mask_head.prepare(features))
+        return self.criterion(stage_outputs, targets, mask_predictor)
 
     def _features_and_proposals(self, images: ImageList, image_whwh: torch.Tensor):
         """Backbone features (the ``in_features`` levels) and the stage-1 proposals."""
@@ -215,8 +244,8 @@ class SparseRCNN(nn.Module):
             batched_inputs: as in :meth:`forward`.
             detected_instances: if not None, one Instances per image with known ``pred_boxes``
                 and ``pred_classes``: box detection is skipped and they are returned as the
-                results. Sparse R-CNN has no other per-box outputs (no mask or keypoint head), so
-                there is nothing to add to them.
+                results. Nothing is added to them: Sparse R-CNN has no other per-box outputs, and
+                QueryInst's mask head needs each detection's own query, which given boxes lack.
             do_postprocess: whether to rescale the detections to the requested output size
                 ("height"/"width" of each input) with ``detector_postprocess``. TTA and export
                 call it with False and post-process themselves.
@@ -240,6 +269,10 @@ class SparseRCNN(nn.Module):
         features, proposal_boxes, proposal_features = self._features_and_proposals(
             images, image_whwh
         )
+        if self.mask_head is not None:
+            return self._inference_with_masks(
+                features, proposal_boxes, proposal_features, batched_inputs, images, do_postprocess
+            )
         all_stages = self.output_all_stages and do_postprocess
         stages = None if all_stages else [self.head.num_stages - 1]
         stage_outputs = self.head(features, proposal_boxes, proposal_features, stages)
@@ -249,6 +282,52 @@ class SparseRCNN(nn.Module):
             self.topk_detections(out["pred_logits"], out["pred_boxes"], images.image_sizes)
             for out in stage_outputs
         ]
+        return self._finish_inference(per_stage, batched_inputs, images, do_postprocess)
+
+    def _inference_with_masks(
+        self, features, proposal_boxes, proposal_features, batched_inputs, images, do_postprocess
+    ):
+        """:meth:`inference` with QueryInst's masks: each stage's detections (the last stage's,
+        or every stage's with ``output_all_stages``) get "pred_masks" (R, 1, M, M), the sigmoid of
+        the mask of the detection's class from that stage's mask head, on the detection's box
+        clipped to the image (as ``detector_postprocess`` clips it before pasting the mask)."""
+        all_stages = self.output_all_stages and do_postprocess
+        last = self.head.num_stages - 1
+        stage_indices = list(range(self.head.num_stages)) if all_stages else [last]
+        stage_outputs = self.head(
+            features,
+            proposal_boxes,
+            proposal_features,
+            None if all_stages else [last],
+            with_attention_features=True,
+        )
+        mask_features = self.mask_head.prepare(features)
+        per_stage = []
+        for stage in stage_indices:
+            out = stage_outputs[stage]
+            results = self.topk_detections(
+                out["pred_logits"], out["pred_boxes"], images.image_sizes, True
+            )
+            boxes, queries = [], []
+            for result, attention in zip(results, out["attn_features"]):
+                image_whwh = _image_whwh([result.image_size], self.device)
+                boxes.append(torch.min(result.pred_boxes.tensor.clamp(min=0), image_whwh))
+                queries.append(attention[result.proposal_indices])
+                result.remove("proposal_indices")
+            logits = self.mask_head(mask_features, boxes, torch.cat(queries), stage)
+            classes = torch.cat([r.pred_classes for r in results])
+            masks = logits[torch.arange(len(classes), device=logits.device), classes]
+            for result, mask in zip(
+                results, masks.sigmoid()[:, None].split([len(r) for r in results])
+            ):
+                result.pred_masks = mask
+            per_stage.append(results)
+        return self._finish_inference(per_stage, batched_inputs, images, do_postprocess)
+
+    def _finish_inference(self, per_stage, batched_inputs, images, do_postprocess):
+        """The final stage's raw detections, or every stage's post-processed ones (see
+        :meth:`inference`)."""
+        all_stages = self.output_all_stages and do_postprocess
         if not do_postprocess:
             return per_stage[-1]
         processed = [self._postprocess(r, batched_inputs, images.image_sizes) for r in per_stage]
@@ -259,7 +338,11 @@ class SparseRCNN(nn.Module):
         return results
 
     def topk_detections(
-        self, box_cls: torch.Tensor, box_pred: torch.Tensor, image_sizes: List[Tuple[int, int]]
+        self,
+        box_cls: torch.Tensor,
+        box_pred: torch.Tensor,
+        image_sizes: List[Tuple[int, int]],
+        with_proposal_indices: bool = False,
     ) -> List[Instances]:
         """Top-k over (proposals x classes), sorted by score; then the score threshold, class-aware
         NMS if enabled, and the first ``detections_per_image``.
@@ -273,17 +356,21 @@ class SparseRCNN(nn.Module):
         Args:
             box_cls: (B, N, K) class logits; box_pred: (B, N, 4) xyxy pixels.
             image_sizes: unpadded (h, w) of every image.
+            with_proposal_indices: also return each detection's proposal index (0 ... N - 1) as
+                ``proposal_indices`` (the mask head reads the detection's query).
 
         Returns:
             B Instances of ``image_size`` (h, w) with pred_boxes, scores, pred_classes.
         """
         results = []
         for logits, boxes, image_size in zip(box_cls, box_pred, image_sizes):
-            boxes, scores, classes = self.select_detections(logits, boxes, image_size)
+            boxes, scores, classes, proposal_idx = self._select(logits, boxes, image_size)
             result = Instances(image_size)
             result.pred_boxes = Boxes(boxes)
             result.scores = scores
             result.pred_classes = classes
+            if with_proposal_indices:
+                result.proposal_indices = proposal_idx
             results.append(result)
         return results
 
@@ -301,6 +388,12 @@ class SparseRCNN(nn.Module):
             boxes (D, 4) float32, scores (D,), classes (D,) int64, score descending; D is at most
             ``detections_per_image`` (default: N).
         """
+        return self._select(logits, boxes, image_size)[:3]
+
+    def _select(
+        self, logits: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`select_detections` and each detection's proposal index (D,) in 0 ... N - 1."""
         num_proposals = logits.shape[0]
         max_detections = self.detections_per_image or num_proposals
         scores = torch.sigmoid(logits.float()).flatten()  # (N * K,)
@@ -311,6 +404,7 @@ class SparseRCNN(nn.Module):
         boxes = boxes[proposal_idx].float()
         keep = topk_scores > self.score_thresh_test
         topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
+        proposal_idx = proposal_idx[keep]
         if self.nms_thresh_test is not None:
             # Clip first (as Detectron2's own inference does) so that NMS sees the final boxes:
             # Boxes.clip's clamp(0, w) / clamp(0, h), with the size as a tensor (traceable).
@@ -318,13 +412,15 @@ class SparseRCNN(nn.Module):
             boxes = torch.min(boxes.clamp(min=0), image_whwh)
             keep = _batched_nms(boxes, topk_scores, classes, self.nms_thresh_test)
             topk_scores, boxes, classes = topk_scores[keep], boxes[keep], classes[keep]
+            proposal_idx = proposal_idx[keep]
         if max_detections < num_candidates:
-            topk_scores, boxes, classes = (
+            topk_scores, boxes, classes, proposal_idx = (
                 topk_scores[:max_detections],
                 boxes[:max_detections],
                 classes[:max_detections],
+                proposal_idx[:max_detections],
             )
-        return boxes, topk_scores, classes
+        return boxes, topk_scores, classes, proposal_idx
 
     @staticmethod
     def _postprocess(

@@ -74,6 +74,7 @@ def _evaluator_from_config(cfg, dataset_name: str, output_folder: Optional[str] 
         "output_dir": output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name),
         "per_stage": cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE,
         "num_stages": cfg.MODEL.SPARSE_RCNN.NUM_STAGES,
+        "tasks": ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
     }
 
 
@@ -84,6 +85,7 @@ def build_sparse_rcnn_evaluator(
     output_dir: Optional[str] = None,
     per_stage: bool = False,
     num_stages: int = 6,
+    tasks: Sequence[str] = ("bbox",),
 ) -> DatasetEvaluator:
     """COCOEvaluator (box AP) on ``dataset_name``; generates a built-in dataset first if needed.
 
@@ -102,6 +104,8 @@ def build_sparse_rcnn_evaluator(
         per_stage: evaluate every stage too (``bbox_stage{t}``); the model must return
             "stage_instances".
         num_stages: T, the model's number of stages.
+        tasks: COCOEvaluator's tasks: ("bbox",), or ("bbox", "segm") for a model with masks
+            (``MODEL.MASK_ON``, QueryInst).
     """
     names = dataset_checks.dataset_names(dataset_name)
     if len(names) != 1:
@@ -115,7 +119,7 @@ def build_sparse_rcnn_evaluator(
     def make_evaluator(folder):
         if is_crowdhuman_dataset(dataset_name):
             return CrowdHumanEvaluator(dataset_name, output_dir=folder)
-        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=folder)
+        return COCOEvaluator(dataset_name, tasks=tuple(tasks), output_dir=folder)
 
     evaluator = make_evaluator(output_dir)
     if per_stage:

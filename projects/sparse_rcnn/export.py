@@ -145,7 +145,7 @@ def check_exportable(cfg) -> None:
         unsupported = [
             ("TEST.AUG.ENABLED", cfg.TEST.AUG.ENABLED, _TTA_REASON),
             ("MODEL.SPARSE_RCNN.EVAL_PER_STAGE", cfg.MODEL.SPARSE_RCNN.EVAL_PER_STAGE, _STAGES),
-            ("MODEL.MASK_ON", cfg.MODEL.MASK_ON, "Sparse R-CNN has no mask head"),
+            ("MODEL.MASK_ON", cfg.MODEL.MASK_ON, _MASK_REASON),
             ("MODEL.KEYPOINT_ON", cfg.MODEL.KEYPOINT_ON, "Sparse R-CNN has no keypoint head"),
         ]
     else:
@@ -154,6 +154,8 @@ def check_exportable(cfg) -> None:
         unsupported = [
             ("model.output_all_stages", cfg.model.get("output_all_stages", False), _STAGES),
         ]
+        if cfg.model.get("mask_head") is not None:
+            raise ValueError(f"Cannot export with a model.mask_head: {_MASK_REASON}. Set it None.")
     for key, value, reason in unsupported:
         if value:
             raise ValueError(f"Cannot export with {key}={value}: {reason}. Set {key} False.")
@@ -169,6 +171,10 @@ _TTA_REASON = (
     "and merges them outside the model"
 )
 _STAGES = "the graph returns the last stage's detections only"
+_MASK_REASON = (
+    "the exported graph returns boxes, scores and classes only; QueryInst's mask head is not "
+    "exported (evaluate and serve mask models in PyTorch)"
+)
 
 
 def check_backbone_exportable(backbone: nn.Module, key: str) -> None:

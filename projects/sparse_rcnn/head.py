@@ -42,6 +42,31 @@ def pooled_feature_names(cfg, input_shape: Dict[str, ShapeSpec]) -> List[str]:
     return in_features
 
 
+POOLER_IMPLS = {"fast": FastROIPooler, "detectron2": ROIPooler}
+
+
+def build_roi_pooler(
+    cfg,
+    input_shape: Dict[str, ShapeSpec],
+    output_size: int,
+    sampling_ratio: int,
+) -> ROIPooler:
+    """The RoI pooler of ``MODEL.SPARSE_RCNN.POOLER_IMPL`` on ``MODEL.ROI_HEADS.IN_FEATURES``, with
+    ``MODEL.ROI_BOX_HEAD.POOLER_TYPE`` (the box and the mask poolers share impl and type)."""
+    in_features = pooled_feature_names(cfg, input_shape)
+    impl = cfg.MODEL.SPARSE_RCNN.POOLER_IMPL
+    if impl not in POOLER_IMPLS:
+        raise ValueError(
+            f"MODEL.SPARSE_RCNN.POOLER_IMPL must be one of {sorted(POOLER_IMPLS)}, got {impl!r}"
+        )
+    return POOLER_IMPLS[impl](
+        output_size=output_size,
+        scales=tuple(1.0 / input_shape[f].stride for f in in_features),
+        sampling_ratio=sampling_ratio,
+        pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+    )
+
+
 def _activation(name: str):
     """The FFN activation: relu (the paper's) or gelu.
 
@@ -179,7 +204,8 @@ class DynamicStage(nn.Module):
         proposal_features: torch.Tensor,
         pooler: ROIPooler,
         compute_logits: bool = True,
-    ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+        return_attention_features: bool = False,
+    ) -> Tuple[Optional[torch.Tensor], ...]:
         """
         Args:
             features: feature maps (B, C, Hl, Wl) of the pooled levels, or the pooler's
@@ -188,9 +214,13 @@ class DynamicStage(nn.Module):
             proposal_features: (B, N, C).
             pooler: the RoI pooler shared by all stages.
             compute_logits: False skips the classification tower (inference of early stages).
+            return_attention_features: also return the self-attention output (after the residual
+                and LayerNorm, the query of the dynamic instance interaction), which QueryInst's
+                mask branch reads.
 
         Returns:
-            class_logits (B, N, K) or None, pred_boxes (B, N, 4), object features (B, N, C).
+            class_logits (B, N, K) or None, pred_boxes (B, N, 4), object features (B, N, C), and
+            with ``return_attention_features`` the attention features (B, N, C).
         """
         num_images, num_boxes = boxes.shape[:2]
         roi_features = pooler(features, [Boxes(b) for b in boxes])  # (B*N, C, S, S)
@@ -201,6 +231,8 @@ class DynamicStage(nn.Module):
             proposal_features, proposal_features, proposal_features, need_weights=False
         )[0]
         proposal_features = self.norm1(proposal_features + self.dropout1(attended))
+
+        attention_features = proposal_features
 
         # Dynamic instance interaction with each proposal's own RoI feature (+ residual, LayerNorm).
         proposal_features = proposal_features.reshape(num_images * num_boxes, self.hidden_dim)
@@ -217,11 +249,14 @@ class DynamicStage(nn.Module):
             class_logits = class_logits.view(num_images, num_boxes, -1)
         deltas = self.bboxes_delta(self.reg_module(obj_features))
         pred_boxes = self.box2box_transform.apply_deltas(deltas, boxes.reshape(-1, 4))
-        return (
+        outputs = (
             class_logits,
             pred_boxes.view(num_images, num_boxes, 4),
             obj_features.view(num_images, num_boxes, self.hidden_dim),
         )
+        if return_attention_features:
+            outputs += (attention_features,)
+        return outputs
 
 
 @SPARSE_RCNN_HEAD_REGISTRY.register()
@@ -318,17 +353,11 @@ class DynamicHead(nn.Module):
                 f"The pooled features have {sorted(channels)} channels but "
                 f"MODEL.SPARSE_RCNN.HIDDEN_DIM is {hidden_dim}; set MODEL.FPN.OUT_CHANNELS to match."
             )
-        pooler_impls = {"fast": FastROIPooler, "detectron2": ROIPooler}
-        impl = cfg.MODEL.SPARSE_RCNN.POOLER_IMPL
-        if impl not in pooler_impls:
-            raise ValueError(
-                f"MODEL.SPARSE_RCNN.POOLER_IMPL must be one of {sorted(pooler_impls)}, got {impl!r}"
-            )
-        box_pooler = pooler_impls[impl](
-            output_size=cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
-            scales=tuple(1.0 / input_shape[f].stride for f in in_features),
-            sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
-            pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+        box_pooler = build_roi_pooler(
+            cfg,
+            input_shape,
+            cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
+            cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
         )
         c = cfg.MODEL.SPARSE_RCNN
         return {
@@ -354,18 +383,23 @@ class DynamicHead(nn.Module):
         proposal_boxes: torch.Tensor,
         proposal_features: torch.Tensor,
         stages_with_logits: Optional[List[int]] = None,
+        with_attention_features: bool = False,
     ) -> List[Dict[str, torch.Tensor]]:
         """
         Args:
-            features: the pooled feature maps, in the order of the pooler's scales.
+            features: the pooled feature maps, in the order of the pooler's scales, or the box
+                pooler's ``prepare(features)``.
             proposal_boxes: (B, N, 4) xyxy pixels of the unpadded images.
             proposal_features: (B, N, C).
             stages_with_logits: indices of the stages whose class logits are needed (all if None);
                 inference asks only for the last.
+            with_attention_features: also return every stage's self-attention output (the query
+                of QueryInst's mask branch, :mod:`sparse_rcnn.mask_head`).
 
         Returns:
-            One dict per stage with "pred_logits" (B, N, K) (absent where not asked for) and
-            "pred_boxes" (B, N, 4).
+            One dict per stage with "pred_logits" (B, N, K) (absent where not asked for),
+            "pred_boxes" (B, N, 4) and, with ``with_attention_features``, "attn_features"
+            (B, N, C).
         """
         outputs = []
         boxes = proposal_boxes
@@ -375,12 +409,19 @@ class DynamicHead(nn.Module):
             features = prepare(features)
         for index, stage in enumerate(self.head_series):
             need_logits = stages_with_logits is None or index in stages_with_logits
-            logits, pred_boxes, proposal_features = stage(
-                features, boxes, proposal_features, self.box_pooler, need_logits
+            logits, pred_boxes, proposal_features, *attention = stage(
+                features,
+                boxes,
+                proposal_features,
+                self.box_pooler,
+                need_logits,
+                return_attention_features=with_attention_features,
             )
             output = {"pred_boxes": pred_boxes}
             if logits is not None:
                 output["pred_logits"] = logits
+            if with_attention_features:
+                output["attn_features"] = attention[0]
             outputs.append(output)
             boxes = pred_boxes.detach()  # gradients are blocked at the boxes between stages
             if self.training:  # a diverging step: keep non-finite boxes out of the RoI pooler

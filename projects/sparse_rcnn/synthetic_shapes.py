@@ -6,7 +6,9 @@ loader maps them to the contiguous classes 0, 1, 2) of varied sizes (about 15%-6
 side), aspect ratios, rotations and colours, on textured backgrounds (smooth noise, gradients,
 soft stripes) with pixel noise. Every box is the tight box of its shape's pixels, clipped to the
 image; like COCO, an occluded object keeps the box of its full shape, and a shape is only placed
-where at least half of every object (itself included) stays visible.
+where at least half of every object (itself included) stays visible. The split's json also gives
+every object's instance mask, the pixels of it that stay visible, as COCO RLE ("segmentation";
+load it with ``INPUT.MASK_FORMAT "bitmask"``).
 
 ``generate_sample`` draws one image; ``generate_split`` writes a split's PNG files and returns its
 COCO json dict (about 2000 128x128 images per 10 s). Where the files go, their caching and the
@@ -19,12 +21,20 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 
-__all__ = ["SYNTHETIC_SHAPES_CLASSES", "generate_sample", "generate_split", "split_params"]
+__all__ = [
+    "SYNTHETIC_SHAPES_CLASSES",
+    "generate_sample",
+    "generate_split",
+    "mask_to_rle",
+    "split_params",
+]
 
 SYNTHETIC_SHAPES_CLASSES = ("rectangle", "ellipse", "triangle")
-# Bump when the drawing changes: cached splits written by an older generator are regenerated.
-GENERATOR_VERSION = 2
+# Bump when the drawing or the json changes: cached splits written by an older generator are
+# regenerated. 3: the json has instance masks ("segmentation"); images and boxes as in 2.
+GENERATOR_VERSION = 3
 DEFAULT_IMAGE_SIZE = 128
 DEFAULT_SEED = 0
 DEFAULT_MAX_OBJECTS = 4
@@ -237,6 +247,12 @@ def generate_sample(
     return image, annotations
 
 
+def mask_to_rle(mask: np.ndarray) -> Dict:
+    """COCO compressed RLE of an (H, W) bool mask, json-ready: {"size": [H, W], "counts": str}."""
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
 def split_params(split, num_images, image_size, seed, max_objects, empty_prob) -> Dict:
     """The parameters that define a split's files (recorded in its json's ``info``)."""
     h, w = _hw(image_size)
@@ -264,7 +280,8 @@ def generate_split(
     """Write the images of a split as PNG files into ``image_dir``; return its COCO json dict.
 
     Image ``i`` depends only on ``(seed, split, i)`` and the drawing parameters, so a split of
-    more images starts with the images of a smaller one.
+    more images starts with the images of a smaller one. Every annotation has the keys of
+    :func:`generate_sample`'s and "segmentation", the RLE of the object's visible pixels.
     """
     image_dir = Path(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +290,9 @@ def generate_split(
     images, annotations = [], []
     for index in range(num_images):
         rng = np.random.default_rng([int(seed), split_key, index])
-        image, annos = generate_sample(rng, (h, w), max_objects=max_objects, empty_prob=empty_prob)
+        image, annos, _, visible_masks = generate_sample(
+            rng, (h, w), max_objects=max_objects, empty_prob=empty_prob, return_masks=True
+        )
         image_id = index + 1
         file_name = f"{image_id:06d}.png"
         if not cv2.imwrite(
@@ -281,8 +300,15 @@ def generate_split(
         ):
             raise OSError(f"Could not write {image_dir / file_name}")
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-        for anno in annos:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **anno})
+        for anno, visible in zip(annos, visible_masks):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    **anno,
+                    "segmentation": mask_to_rle(visible),
+                }
+            )
     return {
         "info": {
             "description": "Synthetic shapes (sparse_rcnn.synthetic_shapes)",

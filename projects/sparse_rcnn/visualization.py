@@ -1,4 +1,5 @@
-"""Pictures of a trained model: detections beside the ground truth, training curves, AP per stage.
+"""Pictures of a trained model: detections (with their masks, for QueryInst) beside the ground
+truth, training curves, AP per stage.
 
 Used by the demo (``python -m sparse_rcnn.demo --dataset ...``) and by ``python -m sparse_rcnn.report``.
 The built-in dataset's images are 128 px, so detections are drawn on an upscaled copy, with the
@@ -17,6 +18,7 @@ from detectron2.structures import BoxMode, Instances
 
 __all__ = [
     "draw_boxes",
+    "ground_truth_masks",
     "draw_prediction_beside_ground_truth",
     "read_metrics",
     "plot_training_curves",
@@ -74,8 +76,9 @@ def draw_boxes(
     class_names: Sequence[str],
     scores: Optional[Sequence[float]] = None,
     scale: float = 4.0,
+    masks: Optional[np.ndarray] = None,
 ) -> np.ndarray:
-    """Draw boxes on an upscaled copy of the image, each label above its box.
+    """Draw boxes (and instance masks) on an upscaled copy of the image, each label above its box.
 
     Args:
         image_bgr: (H, W, 3) uint8.
@@ -83,6 +86,8 @@ def draw_boxes(
         classes: R class ids; class_names: a name per class id.
         scores: R scores, written after the name, or None (ground truth).
         scale: upscaling factor of the drawing (the 128-px images read well at 4).
+        masks: (R, H, W) bool instance masks, filled half-transparent in the class colour with
+            their outline, or None.
 
     Returns:
         (round(H * scale), round(W * scale), 3) uint8 BGR.
@@ -90,6 +95,20 @@ def draw_boxes(
     height, width = image_bgr.shape[:2]
     size = (int(round(width * scale)), int(round(height * scale)))
     canvas = cv2.resize(image_bgr, size, interpolation=cv2.INTER_LINEAR)
+    if masks is not None:
+        if len(masks) != len(boxes) or tuple(masks.shape[1:]) != (height, width):
+            raise ValueError(
+                f"masks must be ({len(boxes)}, {height}, {width}) like the boxes and the image, "
+                f"got {tuple(masks.shape)}"
+            )
+        for mask, class_id in zip(np.asarray(masks, dtype=np.uint8), classes):
+            big = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST).astype(bool)
+            color = np.array(_color(int(class_id)), dtype=np.float32)
+            canvas[big] = (0.5 * canvas[big] + 0.5 * color).astype(np.uint8)
+            contours, _ = cv2.findContours(
+                big.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+            )
+            cv2.drawContours(canvas, contours, -1, _color(int(class_id)), 1)
     font, font_scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1
     placed: List[Tuple[int, int, int, int]] = []
     for index, (box, class_id) in enumerate(zip(np.asarray(boxes, dtype=np.float64), classes)):
@@ -118,6 +137,30 @@ def ground_truth(record: Dict) -> Tuple[np.ndarray, List[int]]:
     return np.array(boxes, dtype=np.float32).reshape(-1, 4), [a["category_id"] for a in annotations]
 
 
+def _segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """(H, W) bool mask of a COCO "segmentation": polygons, RLE (compressed or not) or a mask."""
+    import pycocotools.mask as mask_util
+
+    if isinstance(segmentation, np.ndarray):
+        return segmentation.astype(bool)
+    if isinstance(segmentation, list):  # polygons
+        rles = mask_util.frPyObjects([list(map(float, p)) for p in segmentation], height, width)
+        return mask_util.decode(mask_util.merge(rles)).astype(bool)
+    if isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        segmentation = mask_util.frPyObjects(segmentation, *segmentation["size"])
+    return mask_util.decode(segmentation).astype(bool)
+
+
+def ground_truth_masks(record: Dict, height: int, width: int) -> Optional[np.ndarray]:
+    """(G, H, W) bool masks of the annotations that :func:`ground_truth` draws, in its order, or
+    None if one of them has no "segmentation"."""
+    annotations = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+    if not all("segmentation" in a for a in annotations):
+        return None
+    masks = [_segmentation_mask(a["segmentation"], height, width) for a in annotations]
+    return np.array(masks, dtype=bool).reshape(-1, height, width)
+
+
 def _titled(image: np.ndarray, title: str) -> np.ndarray:
     bar = np.full((24, image.shape[1], 3), 255, dtype=np.uint8)
     cv2.putText(bar, title, (4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
@@ -131,15 +174,20 @@ def draw_prediction_beside_ground_truth(
     class_names: Sequence[str],
     scale: float = 4.0,
 ) -> np.ndarray:
-    """The ground truth (left, if ``record`` has annotations) beside the predictions (right).
+    """The ground truth (left, if ``record`` has annotations) beside the predictions (right), with
+    the instance masks where the predictions have ``pred_masks`` (QueryInst) and the annotations
+    have "segmentation".
 
     Args:
         image_bgr: (H, W, 3) uint8, the image the predictions are in.
-        instances: predictions with pred_boxes, pred_classes and scores, in image pixels.
+        instances: predictions with pred_boxes, pred_classes and scores (and optionally
+            pred_masks (R, H, W)), in image pixels.
         record: the image's Detectron2 dataset dict (its "annotations"), or None.
         class_names: the metadata's ``thing_classes``.
         scale: upscaling factor.
     """
+    height, width = image_bgr.shape[:2]
+    masks = instances.pred_masks.numpy() if instances.has("pred_masks") else None
     predicted = draw_boxes(
         image_bgr,
         instances.pred_boxes.tensor.numpy(),
@@ -147,11 +195,13 @@ def draw_prediction_beside_ground_truth(
         class_names,
         instances.scores.tolist(),
         scale,
+        masks,
     )
     panels = [_titled(predicted, f"prediction ({len(instances)})")]
     if record is not None and "annotations" in record:
         boxes, classes = ground_truth(record)
-        truth = draw_boxes(image_bgr, boxes, classes, class_names, None, scale)
+        truth_masks = ground_truth_masks(record, height, width) if masks is not None else None
+        truth = draw_boxes(image_bgr, boxes, classes, class_names, None, scale, truth_masks)
         gap = np.full((predicted.shape[0] + 24, 8, 3), 255, dtype=np.uint8)
         panels = [_titled(truth, f"ground truth ({len(classes)})"), gap] + panels
     return np.concatenate(panels, axis=1)
