@@ -22,6 +22,10 @@ EXTERNAL_PATHS = {
     "tools/train_net.py",
     "tools/lazyconfig_train_net.py",
     "configs/new_baselines/",
+    # mmdetection's QueryInst configs (docs/queryinst.md cites them)
+    "configs/queryinst/*.py",
+    "configs/queryinst/README.md",
+    "configs/queryinst/queryinst_r50_fpn_1x_coco.py",
 }
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
