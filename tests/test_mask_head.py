@@ -647,3 +647,13 @@ def test_lazy_twins_load_masks_and_evaluate_segm_like_the_yaml(name):
     assert lazy.model.criterion.mask_weight == 8.0
     with pytest.raises(ValueError, match="model.mask_head"):
         check_exportable(lazy)
+
+
+def test_test_time_augmentation_refuses_a_model_with_masks():
+    """TTA merges boxes only: a QueryInst model is refused with the key to turn TTA off, rather
+    than evaluated without its masks."""
+    from sparse_rcnn.test_time_augmentation import SparseRCNNWithTTA
+
+    model = build_tiny_model(MASK_OPTS)
+    with pytest.raises(ValueError, match=r"masks .*TEST\.AUG\.ENABLED False"):
+        SparseRCNNWithTTA(make_cfg(opts=MASK_OPTS), model)

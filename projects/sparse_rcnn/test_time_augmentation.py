@@ -262,6 +262,12 @@ class SparseRCNNWithTTA(nn.Module):
                     f"{len(min_sizes)} scales: give one range per scale, or set "
                     "TEST.AUG.SCALE_FILTER False"
                 )
+        if getattr(getattr(model, "module", model), "mask_head", None) is not None:
+            raise ValueError(
+                "Test-time augmentation merges boxes only: a model with masks (MODEL.MASK_ON, "
+                "QueryInst) would lose them. Evaluate it without TTA (TEST.AUG.ENABLED False / "
+                "tta.enabled=False)."
+            )
         self.model = model
         self.scale_ranges = scale_ranges
         self.merge = merge
