@@ -1,5 +1,7 @@
 """Shared helpers of the test suite. Tests never read ../shared: facts live in tests/data."""
 
+import copy
+import logging
 import os
 from pathlib import Path
 
@@ -57,3 +59,58 @@ def pytest_configure(config):
     # deprecates what the pinned one still offers); Detectron2's and fvcore's warnings are theirs.
     for category in ("FutureWarning", "DeprecationWarning"):
         config.addinivalue_line("filterwarnings", f"error::{category}:sparse_rcnn")
+
+
+class Records(logging.Handler):
+    """Collects the records of one logger (setup_logger turns propagation off, so caplog, which
+    listens at the root, would miss them)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    @property
+    def messages(self):
+        return [r.getMessage() for r in self.records]
+
+
+@pytest.fixture
+def records():
+    """attach(name) -> a :class:`Records` of the logger ``name`` (removed after the test)."""
+    handlers = []
+
+    def attach(name):
+        handler = Records()
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        handlers.append((logger, handler, logger.level))
+        logger.setLevel(logging.DEBUG)
+        return handler
+
+    yield attach
+    for logger, handler, level in handlers:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def fake_dataset():
+    """Register datasets of records (no image files needed: the checks run before mapping)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    names = []
+
+    def register(name, records, thing_classes=None):
+        DatasetCatalog.register(name, lambda: copy.deepcopy(records))
+        if thing_classes is not None:
+            MetadataCatalog.get(name).set(thing_classes=thing_classes)
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

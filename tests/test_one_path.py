@@ -5,7 +5,6 @@ ResNet-18 frozen so that checkpoints stay small). Each test runs once per system
 lists the features and the test of each."""
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.utils.events import EventStorage
 
@@ -130,50 +129,6 @@ def datasets(tmp_path_factory):
 
 
 DATA = {"train": f"{PREFIX}_train", "test": f"{PREFIX}_val"}
-
-
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def records():
-    attached = []
-
-    def attach(name):
-        handler, logger = Records(), logging.getLogger(name)
-        logger.addHandler(handler)
-        attached.append((logger, handler, logger.level))
-        logger.setLevel(logging.DEBUG)
-        return handler
-
-    yield attach
-    for logger, handler, level in attached:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-@pytest.fixture
-def fake_dataset():
-    """Datasets of records only (the checks run before any image is read)."""
-    names = []
-
-    def register(name, records, thing_classes=None):
-        DatasetCatalog.register(name, lambda: [dict(r) for r in records])
-        if thing_classes is not None:
-            MetadataCatalog.get(name).set(thing_classes=thing_classes)
-        names.append(name)
-        return name
-
-    yield register
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
 
 
 def record(category_ids, file_name="img.png", boxes=None):

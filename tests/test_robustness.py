@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser, defaults
 from detectron2.utils.events import EventStorage
 
@@ -42,58 +41,6 @@ from test_distributed import make_batch
 
 sys.path.insert(0, str(REPO_ROOT))
 import train_net  # noqa: E402
-
-
-class Records(logging.Handler):
-    """Collects the records of one logger (setup_logger turns propagation off, so caplog, which
-    listens at the root, would miss them)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    @property
-    def messages(self):
-        return [r.getMessage() for r in self.records]
-
-
-@pytest.fixture
-def records():
-    handlers = []
-
-    def attach(name):
-        handler = Records()
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        handlers.append((logger, handler, logger.level))
-        logger.setLevel(logging.DEBUG)
-        return handler
-
-    yield attach
-    for logger, handler, level in handlers:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-@pytest.fixture
-def fake_dataset():
-    """Register datasets of records (no image files needed: the checks run before mapping)."""
-    names = []
-
-    def register(name, records, thing_classes=None):
-        DatasetCatalog.register(name, lambda: copy.deepcopy(records))
-        if thing_classes is not None:
-            MetadataCatalog.get(name).set(thing_classes=thing_classes)
-        names.append(name)
-        return name
-
-    yield register
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
 
 
 def record(category_ids, file_name="img.png", boxes=None):
