@@ -30,6 +30,18 @@ def build_tiny_model(opts=(), seed=0):
     return build_model(make_cfg(TINY_CONFIG, opts))
 
 
+def perturbed_tiny(seed=7, opts=()):
+    """The tiny model with weights moved away from their initialisation (every path matters)."""
+    model = build_tiny_model(opts=opts, seed=0)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.add_(torch.randn(tensor.shape, generator=gen) * 0.02)
+        boxes = model.proposal_generator.init_proposal_boxes.weight
+        boxes.copy_(torch.rand(boxes.shape, generator=gen) * 0.5 + 0.25)
+    return model
+
+
 def registered_synthetic_shapes(tmp_path_factory, prefix, splits, image_size=96):
     """Generator for module fixtures: small synthetic_shapes splits registered as
     ``{prefix}_{split}`` under a temporary root (yields the root), unregistered afterwards."""

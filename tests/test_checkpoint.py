@@ -11,7 +11,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from conftest import CONFIG_DIR, DATA_DIR, build_tiny_model, make_cfg
+from conftest import CONFIG_DIR, DATA_DIR, build_tiny_model, make_cfg, perturbed_tiny
 from sparse_rcnn.detector import OFFICIAL_KEY_RENAMES
 
 KEYS_DIR = DATA_DIR / "official_keys"
@@ -150,19 +150,8 @@ def _infer(model, image):
         return model([{"image": image, "height": 128, "width": 192}])[0]["instances"]
 
 
-def _perturbed_tiny():
-    model = build_tiny_model(seed=0)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            tensor.add_(torch.randn(tensor.shape, generator=gen) * 0.02)
-        boxes = model.proposal_generator.init_proposal_boxes.weight
-        boxes.copy_(torch.rand(boxes.shape, generator=gen) * 0.5 + 0.25)
-    return model
-
-
 def test_official_and_own_names_give_identical_outputs(tmp_path):
-    source = _perturbed_tiny()
+    source = perturbed_tiny()
     own, official = tmp_path / "own.pth", tmp_path / "official.pth"
     torch.save({"model": source.state_dict()}, own)
     official_sd = official_state_dict(source)

@@ -25,6 +25,7 @@ from conftest import (
     TINY_CONFIG,
     build_tiny_model,
     make_cfg,
+    perturbed_tiny,
     registered_synthetic_shapes,
 )
 from sparse_rcnn import checkpoint as ckpt, demo, export, model_zoo
@@ -85,18 +86,6 @@ def refused(path):
         match=f"(?s){path} was not loaded: it contains posix.system, .*could run code.*"
         f"{ALLOW_UNSAFE_ENV}=1",
     )
-
-
-def perturbed_tiny(seed=7, opts=()):
-    """The tiny model with weights moved away from their initialisation (every path matters)."""
-    model = build_tiny_model(opts=opts, seed=0)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            tensor.add_(torch.randn(tensor.shape, generator=gen) * 0.02)
-        boxes = model.proposal_generator.init_proposal_boxes.weight
-        boxes.copy_(torch.rand(boxes.shape, generator=gen) * 0.5 + 0.25)
-    return model
 
 
 def assert_same_state(model, expected):
